@@ -1,0 +1,160 @@
+"""The `ctxstretch` command: a thin typer face over the Python API. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .config import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Extend the context window of a causal LM cheaply, and prove it worked.")
+tiny_app = typer.Typer(no_args_is_help=True, help="The embedded base model.")
+app.add_typer(tiny_app, name="tiny")
+console = Console(stderr=True)
+
+
+def _guarded(fn: Callable[[], object]) -> None:
+    """Run `fn`; turn user errors into one line on stderr and exit code 2."""
+    from .models import ModelError
+    from .rope import RopeError
+
+    try:
+        fn()
+    except (ConfigError, ModelError, RopeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: resume with --resume")
+        sys.exit(130)
+
+
+def _ints(text: str | None) -> list[int]:
+    if not text:
+        return []
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        mult = 1024 if part.endswith("k") else 1
+        try:
+            value = int(float(part.rstrip("k")) * mult)
+        except ValueError:
+            raise ConfigError(f"--lengths: '{part}' is not a length (use e.g. 1k,4096)") from None
+        if value <= 0:
+            raise ConfigError(f"--lengths: {value} must be positive")
+        out.append(value)
+    return out
+
+
+@app.command()
+def extend(
+    out: Annotated[Path, typer.Option(help="run directory to create")] = Path("runs/extend"),
+    model: Annotated[str, typer.Option(help="local HF model directory, or 'embedded'")] = "embedded",
+    target: Annotated[int, typer.Option(help="target window in tokens (0: 16x the model's window)")] = 0,
+    method: Annotated[str, typer.Option(help="rope method: abf, ntk-fixed, pi, ntk, yarn, llama3")] = "abf",
+    positions: Annotated[str, typer.Option(help="position transform: longrecipe, pose, randpos, full")] = "longrecipe",
+    steps: Annotated[int | None, typer.Option(help="training steps (0: training-free)")] = None,
+    train_length: Annotated[int, typer.Option(help="tokens per training row (0: 0.3x target)")] = 0,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    config: Annotated[Path | None, typer.Option(help="a config.yaml from an earlier run (flags are ignored)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
+    force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code")] = False,
+) -> None:
+    """Grow a model's context window and write model/, report.md, metrics.jsonl and config.yaml to --out."""
+
+    def go() -> None:
+        from .extend import ExtendConfig, load_extend_config, run_extend
+
+        if resume and force:
+            raise ConfigError("--resume and --force conflict; pick one")
+        if config is not None:
+            cfg = load_extend_config(config)
+        else:
+            cfg = ExtendConfig(model=model, target=target, method=method, positions=positions,
+                               train_length=train_length, trust_remote_code=trust_remote_code)
+            update = {"device": device}
+            if steps is not None:
+                if steps < 0:
+                    raise ConfigError(f"--steps {steps} must be ≥ 0")
+                update["steps"] = steps
+            if lr is not None:
+                if lr <= 0:
+                    raise ConfigError(f"--lr {lr} must be > 0")
+                update["lr"] = lr
+            cfg.train = cfg.train.model_copy(update=update)
+            cfg.train = type(cfg.train).model_validate(cfg.train.model_dump())
+        if target < 0 or train_length < 0:
+            raise ConfigError("--target and --train-length must be positive")
+        run_extend(cfg, out, resume=resume, force=force, console=console)
+
+    _guarded(go)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option(help="local HF model directory, or 'embedded'")] = "embedded",
+    out: Annotated[Path, typer.Option(help="directory for report.md, eval.json and plots")] = Path("runs/eval"),
+    lengths: Annotated[str | None, typer.Option(help="comma-separated lengths, e.g. 256,1k,4k")] = None,
+    trials: Annotated[int, typer.Option(help="probes per (length, depth) cell")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code")] = False,
+) -> None:
+    """Passkey and needle grids plus loss by position for any local model."""
+
+    def go() -> None:
+        import shutil
+
+        from .eval.report import write_report
+        from .eval.suite import EvalConfig, doublings, evaluate
+        from .models import load, load_config, resolve
+        from .rope import original_window
+        from .train.loop import resolve_device
+
+        if trials < 1:
+            raise ConfigError(f"--trials {trials} must be ≥ 1")
+        path = resolve(model)
+        window = original_window(load_config(path, trust_remote_code))
+        lens = _ints(lengths) or doublings(max(64, window // 4), max(window * 2, 512))
+        if out.exists() and any(out.iterdir()):
+            if not force:
+                raise ConfigError(f"{out} already exists; pass --force to overwrite it")
+            shutil.rmtree(out)
+        m, tok = load(path, resolve_device(device), trust_remote_code)
+        from rich.progress import Progress
+
+        with Progress(console=console) as progress:
+            res = evaluate(m, tok, EvalConfig(lengths=lens, trials=trials), window, max(lens), None, progress)
+        res.save(out)
+        report = write_report(out, f"ctxstretch eval: {model}", [f"- window {window:,}; lengths {lens}"],
+                              {Path(model).name or "model": res}, window)
+        console.print(f"[green]done[/]: {report}")
+
+    _guarded(go)
+
+
+@tiny_app.command("build")
+def tiny_build(
+    work: Annotated[Path, typer.Option(help="work directory (checkpoints; resumable)")] = Path(".cache/tiny-build"),
+    out: Annotated[Path | None, typer.Option(help="output model directory (default: the package's)")] = None,
+) -> None:
+    """Train the embedded base model from scratch (about an hour on 2 CPU cores; resumable)."""
+
+    def go() -> None:
+        from .tiny import MODEL_DIR
+        from .tiny.build import build
+
+        build(work, out or MODEL_DIR, console=console)
+
+    _guarded(go)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,62 @@
+"""Typed configuration: one pydantic model per concept; unknown keys are errors that suggest the nearest key."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (one line, names the field and the fix)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _suggest_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields)
+            for key in data:
+                if key not in known:
+                    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(known))}"
+                    raise ConfigError(f"unknown key '{key}' in {cls.__name__}{hint}")
+        return data
+
+
+class TrainConfig(Strict):
+    """One training stage."""
+
+    steps: int = Field(200, ge=0, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="rows per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of the peak (cosine)")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
+    precision: str = Field("auto", pattern="^(auto|bf16|fp32)$", description="bf16 autocast or fp32")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(100, ge=1, description="save a resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="call the stage's evaluation hook every N steps (0: never)")
+    seed: int = 0
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+
+
+def parse(model: type[BaseModel], data: dict[str, Any], where: str) -> BaseModel:
+    """Validate `data` into `model`, turning pydantic's report into one line naming the field."""
+    try:
+        return model.model_validate(data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        raise ConfigError(f"{where}: field '{field}': {err['msg']}") from None

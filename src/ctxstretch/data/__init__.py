@@ -1,0 +1,1 @@
+"""Data: sources, synthetic probes and row builders."""

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval probes (passkey, needle), loss by position, reports."""

@@ -1,0 +1,89 @@
+"""The evaluation every model gets: passkey and needle grids over lengths × depths, and loss by position on
+held-out text. Works on any local model; the held-out text is the embedded corpus' held-out split tokenised with
+that model's tokenizer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+from rich.progress import Progress
+
+from ..config import Strict
+from ..data.probes import ProbeBuilder
+from ..data.sources import embedded_token_stream
+from .passkey import Grid, retrieval_grid
+from .perplexity import default_buckets, loss_by_bucket, token_losses
+
+
+class EvalConfig(Strict):
+    """What to measure. Lengths default to doublings from the base window up to the target."""
+
+    lengths: list[int] = Field(default_factory=list, description="probe lengths in tokens; empty: doublings")
+    depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    trials: int = Field(4, ge=1, description="probes per (length, depth) cell")
+    needle: bool = True
+    loss_rows: int = Field(8, ge=0, description="held-out rows for loss by position (0: skip)")
+    batch_size: int = Field(2, ge=1)
+    seed: int = 0
+
+
+def doublings(base_window: int, target: int) -> list[int]:
+    out, n = [], base_window
+    while n < target:
+        out.append(n)
+        n *= 2
+    return [*out, target]
+
+
+@dataclass
+class EvalResult:
+    passkey: Grid
+    needle: Grid | None
+    losses: np.ndarray | None  # (rows, length-1) per-token loss
+    buckets: dict[str, float]
+
+    def summary(self) -> dict:
+        s = {"passkey": self.passkey.by_length(), "loss_by_position": self.buckets}
+        if self.needle is not None:
+            s["needle"] = self.needle.by_length()
+        return s
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        data = {"passkey": self.passkey.to_json(), "needle": self.needle.to_json() if self.needle else None,
+                "loss_by_position": self.buckets}
+        (directory / "eval.json").write_text(json.dumps(data, indent=1))
+        if self.losses is not None:
+            np.save(directory / "token_losses.npy", self.losses.astype(np.float32), allow_pickle=False)
+
+    @classmethod
+    def load(cls, directory: Path) -> EvalResult:
+        data = json.loads((directory / "eval.json").read_text())
+
+        def grid(d):
+            return Grid(d["kind"], d["lengths"], d["depths"], np.array(d["acc"]), d["trials"]) if d else None
+
+        lp = directory / "token_losses.npy"
+        losses = np.load(lp, allow_pickle=False) if lp.exists() else None
+        return cls(grid(data["passkey"]), grid(data["needle"]), losses, data["loss_by_position"])
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, cache_dir: Path | None = None,
+             progress: Progress | None = None) -> EvalResult:
+    """Run the grids and the loss-by-position sweep on `model` (already on its device, in eval mode)."""
+    heldout = embedded_token_stream(tokenizer, "heldout", cache_dir)
+    builder = ProbeBuilder(tokenizer, heldout)
+    lengths = cfg.lengths or doublings(base_window, target)
+    kw = dict(trials=cfg.trials, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+    passkey = retrieval_grid(model, builder, "passkey", lengths, cfg.depths, **kw)
+    needle = retrieval_grid(model, builder, "needle", lengths, cfg.depths, **kw) if cfg.needle else None
+    losses, buckets = None, {}
+    if cfg.loss_rows:
+        length = max(lengths)
+        losses = token_losses(model, heldout, length, cfg.loss_rows, batch_size=1)
+        buckets = loss_by_bucket(losses, default_buckets(length, base_window))
+    return EvalResult(passkey, needle, losses, buckets)

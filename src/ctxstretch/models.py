@@ -1,0 +1,94 @@
+"""Load and save local Hugging Face models and tokenizers, offline, safetensors only, with architecture checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from .rope import current_rope  # noqa: E402
+from .tiny import MODEL_DIR  # noqa: E402
+
+EMBEDDED = "embedded"
+
+
+class ModelError(ValueError):
+    """A model directory that cannot be used, phrased for the user."""
+
+
+def resolve(model: str | Path | None) -> Path:
+    """`None` or "embedded" → the shipped base model; otherwise a local directory that must exist."""
+    if model is None or str(model) == EMBEDDED:
+        if not (MODEL_DIR / "config.json").exists():
+            raise ModelError(f"the embedded model is missing from {MODEL_DIR}; rebuild it with `ctxstretch tiny build`")
+        return MODEL_DIR
+    path = Path(model)
+    if not path.is_dir():
+        raise ModelError(f"--model {path}: no such directory; pass a local Hugging Face model directory")
+    return path
+
+
+def check_model_dir(path: Path, trust_remote_code: bool = False, allow_bin: bool = False) -> None:
+    """Refuse directories we cannot load safely: no config, no tokenizer, remote code, pickled-only weights."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelError(f"{path}: no config.json; this is not a Hugging Face model directory")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if raw.get("auto_map") and not trust_remote_code:
+        raise ModelError(f"{config_file}: the model asks for remote code (auto_map); pass --trust-remote-code "
+                         "only if you trust its author")
+    if not any(path.glob("tokenizer*.json")) and not (path / "tokenizer.model").exists():
+        raise ModelError(f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); save the tokenizer "
+                         "next to the weights")
+    has_safe = any(path.glob("*.safetensors"))
+    has_bin = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if not has_safe and has_bin and not allow_bin:
+        raise ModelError(f"{path}: weights are only pickled .bin files; convert them to safetensors, or pass "
+                         "--allow-bin to load them with torch.load(weights_only=True)")
+    if not has_safe and not has_bin:
+        raise ModelError(f"{path}: no weights (*.safetensors) found")
+
+
+def load_config(path: Path, trust_remote_code: bool = False):
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    current_rope(config)  # raises for non-RoPE models
+    return config
+
+
+def load(path: Path, device: str = "cpu", trust_remote_code: bool = False, allow_bin: bool = False,
+         config=None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local directory, never touching the network."""
+    check_model_dir(path, trust_remote_code, allow_bin)
+    config = config or load_config(path, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True,
+        use_safetensors=not allow_bin or None, attn_implementation="sdpa",
+    )
+    return model.to(device).eval(), tokenizer
+
+
+def save(model, tokenizer, out: Path) -> Path:
+    """Write a plain HF directory (safetensors) atomically: to `out.tmp`, then renamed."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,132 @@
+"""Build the embedded base model from scratch, deterministically, on text every Python install carries.
+
+Two stages, each an ordinary training stage (resumable):
+  1. induction: short rows (64 tokens, 4 per step) dense in repeated spans, so induction heads — what retrieval
+     needs — form early (fewer tokens per step reach the induction phase change in fewer tokens).
+  2. window: 256-token rows mixing plain text, passkey, needle and copy rows with loss on the answers.
+The result is a plain Hugging Face Llama directory with its tokenizer and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ..config import TrainConfig
+from ..data.mix import RowMixer
+from ..data.probes import IGNORE, ProbeBuilder, rng_for
+from ..data.sources import embedded_documents, embedded_token_stream
+from ..eval.passkey import retrieval_grid
+from ..train.loop import train_stage
+from .tokenizer import train_tokenizer
+
+WINDOW = 256
+SEED = 1234
+STAGES = {
+    "induction": dict(
+        length=64, batch=4, mix={"random_copy": 0.4, "text_copy": 0.35, "text": 0.25},
+        train=TrainConfig(steps=12000, batch_size=4, lr=1e-3, warmup_steps=300, min_lr_ratio=0.5,
+                          checkpoint_every=500, log_every=50, eval_every=1000, seed=SEED),
+    ),
+    "window": dict(
+        length=WINDOW, batch=8,
+        mix={"text": 0.4, "passkey": 0.2, "needle": 0.2, "text_copy": 0.1, "random_copy": 0.1},
+        train=TrainConfig(steps=3000, batch_size=8, lr=1e-3, warmup_steps=100, min_lr_ratio=0.05,
+                          checkpoint_every=250, log_every=25, eval_every=500, seed=SEED),
+    ),
+}
+
+
+def model_config(tokenizer) -> LlamaConfig:
+    """A ~4M-parameter Llama: d 256, 4 layers, 8 heads of 32, window 256, tied embeddings."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=WINDOW,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attention_dropout=0.0,
+    )
+
+
+@torch.no_grad()
+def copy_accuracy(model, tokenizer, length: int = 64, n: int = 32) -> float:
+    """Share of tokens predicted right in the repeated half of random-token copy rows (induction)."""
+    rng = rng_for("copy-eval", SEED, evaluation=True)
+    rows = [ProbeBuilder(tokenizer).copy(rng, length, random_tokens=True) for _ in range(n)]
+    device = next(model.parameters()).device
+    ids = torch.tensor(np.stack([r.input_ids for r in rows]), device=device)
+    target = torch.tensor(np.stack([r.labels for r in rows]), device=device)[:, 1:]
+    pred = model(input_ids=ids, use_cache=False).logits[:, :-1].argmax(-1)
+    mask = target != IGNORE
+    return float(((pred == target) & mask).sum() / mask.sum())
+
+
+def build(work_dir: Path, out_dir: Path, resume: bool = True, console: Console | None = None) -> Path:
+    """Train the embedded base into `out_dir` (a plain HF model directory). Resumes from `work_dir`."""
+    console = console or Console()
+    t0 = time.time()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir = work_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        console.print("training the tokenizer on the embedded corpus…")
+        tokenizer = train_tokenizer(embedded_documents("train"))
+        tokenizer.save_pretrained(tok_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    train_ids = embedded_token_stream(tokenizer, "train", work_dir / "cache")
+    heldout_ids = embedded_token_stream(tokenizer, "heldout", work_dir / "cache")
+    console.print(f"corpus: {len(train_ids):,} training tokens, {len(heldout_ids):,} held out")
+
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(model_config(tokenizer))
+    console.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+    probes = ProbeBuilder(tokenizer, heldout_ids)
+
+    def evaluate(m, step: int) -> dict[str, float]:
+        pk = retrieval_grid(m, probes, "passkey", [128, WINDOW], [0.1, 0.5, 0.9], trials=8)
+        nd = retrieval_grid(m, probes, "needle", [WINDOW], [0.1, 0.5, 0.9], trials=8)
+        return {"copy_acc": round(copy_accuracy(m, tokenizer), 3),
+                **{f"passkey@{n}": round(a, 3) for n, a in pk.by_length().items()},
+                "needle@256": round(nd.by_length()[WINDOW], 3)}
+
+    tokens = 0
+    for name, spec in STAGES.items():
+        maker = RowMixer(tokenizer, train_ids, name=f"tiny-{name}", seed=SEED, length=spec["length"],
+                         batch=spec["batch"], mix=spec["mix"])
+        stage_dir = work_dir / name
+        done = stage_dir / "done.safetensors"
+        cfg: TrainConfig = spec["train"]
+        tokens += cfg.steps * cfg.batch_size * spec["length"]
+        if done.exists():
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(done), strict=False)
+            continue
+        model = train_stage(model, maker, cfg, stage_dir, resume=resume, eval_fn=evaluate, name=name)
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, stage_dir / "done.safetensors")
+
+    final = evaluate(model, -1)
+    console.print(f"final: {final}")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    card = {"tokens_seen": tokens, "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(heldout_ids)),
+            "parameters": sum(p.numel() for p in model.parameters()), "final_eval": final,
+            "build_seconds": round(time.time() - t0), "python": platform.python_version(),
+            "torch": torch.__version__}
+    (tmp / "build.json").write_text(json.dumps(card, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.replace(out_dir)
+    return out_dir

@@ -1,0 +1,1 @@
+"""Training: one stage on accelerate, and weight merging."""
