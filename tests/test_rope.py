@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from ctxstretch.rope import METHODS, RopeError, abf_theta, apply_rope, current_rope, ntk_fixed_theta, rope_parameters
+
+
+def cfg(window=256, theta=10000.0):
+    return LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64,
+                       max_position_embeddings=window, rope_parameters={"rope_type": "default", "rope_theta": theta})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_builds_frequencies_and_runs(method):
+    c = cfg()
+    params = apply_rope(c, method, 2048)
+    assert c.max_position_embeddings == 2048
+    assert "rope_theta" in params and c.rope_parameters == params
+    rot = LlamaRotaryEmbedding(c)
+    x = torch.zeros(1, 4, 32)
+    cos, sin = rot(x, torch.tensor([[0, 1, 1000, 2047]]))
+    assert torch.isfinite(cos).all() and torch.isfinite(sin).all()
+
+
+def test_abf_raises_theta_by_ntk_rule_and_keeps_default_type():
+    c = cfg()
+    p = rope_parameters(c, "abf", 4096)
+    assert p["rope_type"] == "default"
+    assert p["rope_theta"] == pytest.approx(10000 * 16 ** (32 / 30))
+    assert rope_parameters(c, "abf", 4096, theta=5e5)["rope_theta"] == 5e5
+
+
+def test_ntk_fixed_matches_longrecipe_llama3_figure():
+    # LongRecipe reports 48.9M for Llama-3 (theta 500k, d 128, 8k -> 80k)
+    assert ntk_fixed_theta(500000, 8192, 81920, 128) / 1e6 == pytest.approx(48.9, rel=0.01)
+    assert abf_theta(10000, 256, 4096, 32) > 10000
+
+
+def test_linear_scales_inverse_frequencies_by_factor():
+    c = cfg()
+    base = LlamaRotaryEmbedding(cfg()).inv_freq
+    apply_rope(c, "pi", 1024)
+    scaled = LlamaRotaryEmbedding(c).inv_freq
+    assert torch.allclose(scaled, base / 4)
+
+
+def test_yarn_keeps_high_frequencies_and_stretches_low_ones():
+    c = cfg()
+    base = LlamaRotaryEmbedding(cfg()).inv_freq
+    apply_rope(c, "yarn", 4096)
+    y = LlamaRotaryEmbedding(c).inv_freq
+    assert torch.allclose(y[0], base[0])  # fastest frequency untouched
+    assert torch.allclose(y[-1], base[-1] / 16, rtol=1e-4)  # slowest interpolated by the full factor
+
+
+def test_errors():
+    with pytest.raises(RopeError, match="must exceed"):
+        rope_parameters(cfg(), "abf", 256)
+    with pytest.raises(RopeError, match="unknown rope method"):
+        rope_parameters(cfg(), "xpos", 1024)
+
+    class NoRope:
+        model_type = "gpt2"
+
+    with pytest.raises(RopeError, match="no rotary"):
+        current_rope(NoRope())
+    c = cfg()
+    apply_rope(c, "pi", 1024)
+    with pytest.raises(RopeError, match="already uses"):
+        apply_rope(c, "yarn", 4096)
+    assert math.isfinite(abf_theta(1e4, 8, 16, 4))
