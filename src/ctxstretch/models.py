@@ -36,8 +36,8 @@ def resolve(model: str | Path | None) -> Path:
     return path
 
 
-def check_model_dir(path: Path, trust_remote_code: bool = False, allow_bin: bool = False) -> None:
-    """Refuse directories we cannot load safely: no config, no tokenizer, remote code, pickled-only weights."""
+def check_model_dir(path: Path, trust_remote_code: bool = False) -> None:
+    """Refuse a directory without a readable config.json, or one asking for remote code without the flag."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelError(f"{path}: no config.json; this is not a Hugging Face model directory")
@@ -48,6 +48,10 @@ def check_model_dir(path: Path, trust_remote_code: bool = False, allow_bin: bool
     if raw.get("auto_map") and not trust_remote_code:
         raise ModelError(f"{config_file}: the model asks for remote code (auto_map); pass --trust-remote-code "
                          "only if you trust its author")
+
+
+def check_model_files(path: Path, allow_bin: bool = False) -> None:
+    """Refuse directories without tokenizer files or with only pickled weights."""
     if not any(path.glob("tokenizer*.json")) and not (path / "tokenizer.model").exists():
         raise ModelError(f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); save the tokenizer "
                          "next to the weights")
@@ -60,17 +64,23 @@ def check_model_dir(path: Path, trust_remote_code: bool = False, allow_bin: bool
         raise ModelError(f"{path}: no weights (*.safetensors) found")
 
 
-def load_config(path: Path, trust_remote_code: bool = False):
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+def load_config(path: Path, trust_remote_code: bool = False, allow_bin: bool = False):
+    """The checked config of a local model directory; raises ModelError/RopeError with the fix."""
+    check_model_dir(path, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path / 'config.json'}: transformers cannot read it ({first})") from None
     current_rope(config)  # raises for non-RoPE models
+    check_model_files(path, allow_bin)
     return config
 
 
 def load(path: Path, device: str = "cpu", trust_remote_code: bool = False, allow_bin: bool = False,
          config=None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a local directory, never touching the network."""
-    check_model_dir(path, trust_remote_code, allow_bin)
-    config = config or load_config(path, trust_remote_code)
+    config = config or load_config(path, trust_remote_code, allow_bin)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True,

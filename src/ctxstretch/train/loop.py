@@ -125,8 +125,12 @@ def train_stage(
     resume: bool = False,
     eval_fn: EvalFn | None = None,
     name: str = "train",
+    stop_when: Callable[[dict], bool] | None = None,
 ) -> torch.nn.Module:
-    """Train `model` in place for `cfg.steps` optimizer steps; return it (unwrapped)."""
+    """Train `model` in place for `cfg.steps` optimizer steps; return it (unwrapped).
+
+    `stop_when(eval_record)` may end the stage early after an evaluation (a curriculum rule such as "until
+    induction has formed"); the stage then checkpoints at that step and returns."""
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -179,15 +183,20 @@ def train_stage(
             if eval_fn is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 model.eval()
                 with torch.no_grad(), accelerator.autocast():
-                    record = {"stage": name, "step": done, "loss": round(total, 5), **eval_fn(model, done)}
+                    record = {"stage": name, "step": done, "loss": round(total, 5), "eval": True,
+                              **eval_fn(model, done)}
                 model.train()
                 progress.console.print(f"step {done}: " + ", ".join(f"{k} {v}" for k, v in record.items()
-                                                                 if k not in ("stage", "step")))
+                                                                 if k not in ("stage", "step", "eval")))
             if record:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            stop = bool(record) and "eval" in record and stop_when is not None and stop_when(record)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
                 _save_checkpoint(run_dir, done, accelerator.unwrap_model(model), optimizer, scheduler, cfg)
+            if stop:
+                progress.console.print(f"{name}: stopping rule met at step {done}")
+                break
     del last_loss
     model = accelerator.unwrap_model(model)
     model.eval()

@@ -1,0 +1,93 @@
+"""Bad input gets one line naming the problem and the fix, exit code 2, and nothing half-written."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ctxstretch.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def one_line_error(output: str) -> str:
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in output
+    assert lines and lines[-1].startswith("error:"), output
+    return " ".join(lines)
+
+
+def test_missing_model_dir(tmp_path):
+    code, out = run("extend", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "no such directory" in one_line_error(out)
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_a_model_dir(tmp_path):
+    (tmp_path / "m").mkdir()
+    code, out = run("extend", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "no config.json" in one_line_error(out)
+
+
+def test_model_without_rope(tmp_path):
+    m = tmp_path / "gpt2"
+    m.mkdir()
+    (m / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
+    code, out = run("extend", "--model", str(m), "--out", str(tmp_path / "o"))
+    assert code == 2 and "no rotary position embedding" in one_line_error(out)
+
+
+@pytest.mark.parametrize("target", ["64", "32"])
+def test_target_not_above_window(tmp_path, micro_model_dir, target):
+    code, out = run("extend", "--model", str(micro_model_dir), "--target", target, "--out", str(tmp_path / "o"))
+    assert code == 2 and "must be larger than the model's window" in one_line_error(out)
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_out_is_refused(tmp_path, micro_model_dir):
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("mine")
+    code, out = run("extend", "--model", str(micro_model_dir), "--target", "256", "--out", str(out_dir))
+    assert code == 2 and "--resume" in one_line_error(out) and "--force" in out
+    assert (out_dir / "keep.txt").read_text() == "mine"
+
+
+def test_train_length_above_target(tmp_path, micro_model_dir):
+    code, out = run("extend", "--model", str(micro_model_dir), "--target", "256", "--train-length", "512",
+                    "--out", str(tmp_path / "o"))
+    assert code == 2 and "exceeds --target" in one_line_error(out)
+
+
+def test_unknown_method_and_conflicting_flags(tmp_path, micro_model_dir):
+    code, out = run("extend", "--model", str(micro_model_dir), "--target", "256", "--method", "xpos",
+                    "--out", str(tmp_path / "o"))
+    assert code == 2 and "unknown" in one_line_error(out)
+    code, out = run("extend", "--resume", "--force", "--out", str(tmp_path / "o"))
+    assert code == 2 and "conflict" in one_line_error(out)
+
+
+def test_config_typo_suggests_the_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: embedded\ntraget: 4096\n")
+    code, out = run("extend", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    assert code == 2 and "did you mean 'target'" in one_line_error(out)
+    cfg.write_text("train: {stpes: 3}\n")
+    code, out = run("extend", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    assert code == 2 and "did you mean 'steps'" in one_line_error(out)
+    cfg.write_text("model: [unclosed\n")
+    code, out = run("extend", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    assert code == 2 and "invalid YAML" in one_line_error(out)
+
+
+def test_remote_code_and_pickled_weights_are_refused(tmp_path, micro_model_dir):
+    cfg = json.loads((micro_model_dir / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    (micro_model_dir / "config.json").write_text(json.dumps(cfg))
+    code, out = run("extend", "--model", str(micro_model_dir), "--target", "256", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--trust-remote-code" in one_line_error(out)

@@ -1,0 +1,76 @@
+"""End to end: `ctxstretch extend` on the embedded model with a reduced budget."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ctxstretch.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    cfg = out.parent / "small.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "target": 1024, "method": "yarn",
+        "train": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1},
+        "eval": {"trials": 1, "depths": [0.0, 1.0], "loss_rows": 2},
+    }))
+    result = CliRunner().invoke(app, ["extend", "--config", str(cfg), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_run_directory_is_complete(run_dir):
+    for name in ("report.md", "metrics.jsonl", "config.yaml", "needle.png", "passkey.png", "loss_by_position.png",
+                 "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / "checkpoints").exists()
+    report = (run_dir / "report.md").read_text()
+    assert "| passkey @ 1,024 |" in report and "## Targets" in report
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 4]
+    assert {r.get("eval") for r in records} >= {"base", "extended"}
+
+
+def test_rope_configuration_changed_as_asked(run_dir):
+    cfg = json.loads((run_dir / "model" / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 1024
+    rope = cfg["rope_parameters"]
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0
+    assert rope["original_max_position_embeddings"] == 256 and rope["rope_theta"] == 10000.0
+
+
+def test_config_yaml_reruns_the_same_settings(run_dir):
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["target"] == 1024 and saved["train"]["steps"] == 4 and saved["train_length"] == 307
+
+
+def test_model_loads_and_generates_without_ctxstretch(run_dir):
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "ctxstretch":
+                    raise ImportError("ctxstretch must not be needed")
+        sys.meta_path.insert(0, Block())
+        sys.modules.pop("ctxstretch", None)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        m = AutoModelForCausalLM.from_pretrained({str(run_dir / "model")!r})
+        t = AutoTokenizer.from_pretrained({str(run_dir / "model")!r})
+        ids = t("def main():", return_tensors="pt").input_ids
+        out = m.generate(ids, max_new_tokens=8, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + 8
+        print("generated", repr(t.decode(out[0])))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "generated" in res.stdout
