@@ -91,3 +91,15 @@ def test_remote_code_and_pickled_weights_are_refused(tmp_path, micro_model_dir):
     (micro_model_dir / "config.json").write_text(json.dumps(cfg))
     code, out = run("extend", "--model", str(micro_model_dir), "--target", "256", "--out", str(tmp_path / "o"))
     assert code == 2 and "--trust-remote-code" in one_line_error(out)
+
+
+def test_eval_runs_on_any_local_model(tmp_path, micro_model_dir):
+    out_dir = tmp_path / "ev"
+    result = runner.invoke(app, ["eval", "--model", str(micro_model_dir), "--lengths", "128,256", "--trials", "1",
+                                 "--out", str(out_dir)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out_dir / "eval.json").read_text())
+    assert data["passkey"]["lengths"] == [128, 256] and len(data["passkey"]["acc"]) == 5
+    assert (out_dir / "needle.png").exists() and (out_dir / "report.md").exists()
+    code, out = run("eval", "--model", str(micro_model_dir), "--lengths", "1k,x", "--out", str(tmp_path / "e2"))
+    assert code == 2 and "not a length" in one_line_error(out)

@@ -140,6 +140,26 @@ def eval_cmd(
     _guarded(go)
 
 
+@app.command("import")
+def import_cmd(
+    gguf_path: Annotated[Path, typer.Argument(help="a llama.cpp .gguf model file")],
+    out: Annotated[Path, typer.Option(help="Hugging Face model directory to create")],
+    force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
+) -> None:
+    """Convert a GGUF file into a plain Hugging Face model directory (safetensors, float32)."""
+
+    def go() -> None:
+        import time
+
+        from .gguf_import import import_gguf
+
+        start = time.perf_counter()
+        path = import_gguf(gguf_path, out, force=force)
+        console.print(f"[green]done[/]: {path} ({time.perf_counter() - start:.1f} s)", highlight=False)
+
+    _guarded(go)
+
+
 @tiny_app.command("build")
 def tiny_build(
     work: Annotated[Path, typer.Option(help="work directory (checkpoints; resumable)")] = Path(".cache/tiny-build"),

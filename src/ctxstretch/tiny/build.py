@@ -42,8 +42,10 @@ STAGES = {
     "window": dict(
         length=WINDOW, batch=8,
         mix={"text": 0.4, "passkey": 0.2, "needle": 0.2, "text_copy": 0.1, "random_copy": 0.1},
-        train=TrainConfig(steps=3000, batch_size=8, lr=1e-3, warmup_steps=100, min_lr_ratio=0.05,
-                          checkpoint_every=250, log_every=25, eval_every=500, seed=SEED),
+        train=TrainConfig(steps=2000, batch_size=8, lr=1e-3, warmup_steps=50, min_lr_ratio=0.05,
+                          checkpoint_every=125, log_every=25, eval_every=250, seed=SEED),
+        # leave once retrieval inside the window is solid
+        stop_when=lambda r: r["passkey@256"] >= 0.95 and r["needle@256"] >= 0.9,
     ),
 }
 

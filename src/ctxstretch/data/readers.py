@@ -1,0 +1,280 @@
+"""Document readers: local text files and folders, JSONL, Parquet/Arrow files, `datasets` saved to disk, and the
+embedded corpus. Everything streams (a text file is one document; JSONL line by line; Parquet, Arrow and saved
+datasets in record batches), so a corpus is never read whole. Bad records are reported with file and line:
+`on_bad_record="fail"` raises at the first one, `"skip"` counts it and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .sources import embedded_documents
+
+OnBad = Literal["fail", "skip"]
+EMBEDDED = "embedded"
+TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".java",
+                           ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".tex", ".html", ".xml", ".yaml", ".yml",
+                           ".toml", ".cfg", ".ini", ".csv", ".tsv"})
+JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+PARQUET_SUFFIXES = frozenset({".parquet"})
+ARROW_SUFFIXES = frozenset({".arrow", ".feather"})
+_SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".venv", "node_modules"})
+_BATCH_ROWS = 1024  # records per Arrow batch read
+_KEEP_EXAMPLES = 100  # bad records remembered individually; the rest are only counted
+
+
+class DataError(ValueError):
+    """Input data that cannot be used, phrased for the user (one line: file:line, the problem and the fix)."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: its text, the source it came from (for mixing weights) and where (`file:line`)."""
+
+    text: str
+    source: str
+    where: str
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    path: str
+    line: int  # 1-based line (JSONL, text) or row (Parquet, Arrow, datasets) number
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass
+class BadRecords:
+    """Collects bad records under a policy: "fail" raises `DataError` at the first, "skip" counts and continues."""
+
+    policy: OnBad = "fail"
+    count: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: list[BadRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("fail", "skip"):
+            raise DataError(f"on_bad_record must be 'fail' or 'skip', not {self.policy!r}")
+
+    def add(self, path: str | Path, line: int, reason: str, fix: str) -> None:
+        record = BadRecord(str(path), line, reason)
+        if self.policy == "fail":
+            raise DataError(f"{record}; {fix}, or skip bad records (--on-bad-record skip)")
+        self.count += 1
+        self.reasons[reason.split(" (")[0]] += 1
+        if len(self.examples) < _KEEP_EXAMPLES:
+            self.examples.append(record)
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def read_text_file(path: Path, bad: BadRecords, source: str) -> Iterator[Document]:
+    """One document per file (UTF-8). Binary files (a NUL byte), undecodable bytes and empty files are bad records."""
+    data = path.read_bytes()
+    nul = data.find(b"\0")
+    if nul >= 0:
+        bad.add(path, _line_of(data, nul), "binary file (NUL byte)", "remove it from the sources")
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad.add(path, _line_of(data, e.start), f"undecodable bytes (not UTF-8 at byte {e.start})",
+                "re-encode the file as UTF-8")
+        return
+    if not text.strip():
+        bad.add(path, 1, "empty text", "remove the empty file")
+        return
+    yield Document(text, source, str(path))
+
+
+def read_jsonl(path: Path, bad: BadRecords, source: str, text_field: str = "text") -> Iterator[Document]:
+    """One document per line: the string in `text_field`. Blank lines are not records and are passed over."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.add(path, lineno, f"undecodable bytes (not UTF-8 at column {e.start + 1})",
+                        "re-encode the file as UTF-8")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.add(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})", "fix or remove the line")
+                continue
+            if not isinstance(record, dict) or text_field not in record:
+                keys = ", ".join(sorted(record)[:8]) if isinstance(record, dict) else type(record).__name__
+                bad.add(path, lineno, f"missing field '{text_field}' (has: {keys})",
+                        "pass --text-field with the field holding the text")
+                continue
+            text = record[text_field]
+            if not isinstance(text, str):
+                bad.add(path, lineno, f"field '{text_field}' is {type(text).__name__}, not a string",
+                        "pass --text-field with the field holding the text")
+                continue
+            if not text.strip():
+                bad.add(path, lineno, "empty text", "remove the record")
+                continue
+            yield Document(text, source, f"{path}:{lineno}")
+
+
+def _read_batches(batches: Iterable, path: Path, bad: BadRecords, source: str, text_field: str,
+                  columns: list[str]) -> Iterator[Document]:
+    """Documents from Arrow record batches (or `datasets` dict batches); rows are numbered from 1."""
+    if text_field not in columns:
+        bad.add(path, 1, f"missing field '{text_field}' (has: {', '.join(columns[:8])})",
+                "pass --text-field with the column holding the text")
+        return
+    row = 0
+    for batch in batches:
+        values = batch[text_field] if isinstance(batch, dict) else batch.column(text_field).to_pylist()
+        for text in values:
+            row += 1
+            if not isinstance(text, str):
+                reason = "missing text (null)" if text is None else f"column '{text_field}' is not text"
+                bad.add(path, row, reason, "pass --text-field with the column holding the text")
+            elif not text.strip():
+                bad.add(path, row, "empty text", "remove the record")
+            else:
+                yield Document(text, source, f"{path}:{row}")
+
+
+def read_parquet(path: Path, bad: BadRecords, source: str, text_field: str = "text") -> Iterator[Document]:
+    """One document per row of `text_field`, read in batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)}); check the file") from None
+    columns = pf.schema_arrow.names
+    batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=[text_field]) if text_field in columns else iter(())
+    yield from _read_batches(batches, path, bad, source, text_field, columns)
+
+
+def read_arrow(path: Path, bad: BadRecords, source: str, text_field: str = "text") -> Iterator[Document]:
+    """One document per row of an Arrow IPC file (stream or file format, memory-mapped), read in batches."""
+    import pyarrow as pa
+
+    source_file = pa.memory_map(str(path))
+    try:
+        reader = pa.ipc.open_stream(source_file)
+        batches: Iterable = reader
+    except pa.ArrowInvalid:
+        source_file.seek(0)
+        try:
+            file_reader = pa.ipc.open_file(source_file)
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{path}: not an Arrow IPC file ({_first_line(e)}); check the file") from None
+        reader = file_reader
+        batches = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+    yield from _read_batches(batches, path, bad, source, text_field, reader.schema.names)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """True for a folder written by `datasets.Dataset(Dict).save_to_disk`."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+
+
+def read_saved_dataset(path: Path, bad: BadRecords, source: str, text_field: str = "text") -> Iterator[Document]:
+    """Rows of a `datasets` folder (memory-mapped; its "train" split, or its only split, for a DatasetDict)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    where = path
+    if isinstance(ds, datasets.DatasetDict):
+        splits = sorted(ds)
+        if "train" in ds or len(splits) == 1:
+            name = "train" if "train" in ds else splits[0]
+            ds, where = ds[name], path / name
+        else:
+            raise DataError(f"{path}: a dataset with splits {', '.join(splits)} and no 'train'; pass one split's "
+                            f"folder, e.g. {path / splits[0]}")
+    batches = ds.iter(batch_size=_BATCH_ROWS) if text_field in ds.column_names else iter(())
+    yield from _read_batches(batches, where, bad, source, text_field, list(ds.column_names))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    """Readable files under `folder`, sorted, skipping VCS/cache folders and saved datasets' internals."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        for name in sorted(files):
+            p = Path(root) / name
+            suffix = p.suffix.lower()
+            if suffix in TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES | ARROW_SUFFIXES:
+                yield p
+
+
+def source_name(src: str | Path) -> str:
+    """The name a source goes by in mixing weights and the data card: "embedded", or the path's stem."""
+    return EMBEDDED if str(src) == EMBEDDED else (Path(src).stem or str(src))
+
+
+def read_documents(src: str | Path, *, text_field: str = "text", bad: BadRecords | None = None,
+                   on_bad_record: OnBad = "fail", split: str = "train") -> Iterator[Document]:
+    """Stream the documents of one source: "embedded" (the shipped corpus, `split` "train" or "heldout"), a saved
+    `datasets` folder, a folder of files (walked recursively, sorted), or one file, dispatched by suffix
+    (.jsonl/.ndjson, .parquet, .arrow/.feather, anything else read as text).
+
+    Pass a shared `bad` collector to count bad records across sources; otherwise one is made from `on_bad_record`.
+    """
+    bad = bad if bad is not None else BadRecords(on_bad_record)
+    name = source_name(src)
+    if str(src) == EMBEDDED:
+        for i, text in enumerate(embedded_documents(split)):
+            yield Document(text, name, f"embedded:{i + 1}")
+        return
+    path = Path(src)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder; pass text/JSONL/Parquet/Arrow files, a folder, a saved "
+                        "dataset or 'embedded'")
+    if path.is_dir():
+        if is_saved_dataset(path):
+            yield from read_saved_dataset(path, bad, name, text_field)
+            return
+        files = _files_under(path)
+    else:
+        files = iter([path])
+    for p in files:
+        yield from read_file(p, bad, name, text_field)
+
+
+def read_file(path: Path, bad: BadRecords, source: str, text_field: str = "text") -> Iterator[Document]:
+    """Documents of one file, by suffix."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES or suffix == ".json":  # a .json named explicitly is read as JSON lines
+        yield from read_jsonl(path, bad, source, text_field)
+    elif suffix in PARQUET_SUFFIXES:
+        yield from read_parquet(path, bad, source, text_field)
+    elif suffix in ARROW_SUFFIXES:
+        yield from read_arrow(path, bad, source, text_field)
+    else:
+        yield from read_text_file(path, bad, source)
+
+
+def read_sources(srcs: Iterable[str | Path], *, text_field: str = "text", bad: BadRecords | None = None,
+                 on_bad_record: OnBad = "fail") -> Iterator[Document]:
+    """The documents of several sources, one after the other, sharing one bad-record collector."""
+    bad = bad if bad is not None else BadRecords(on_bad_record)
+    for src in srcs:
+        yield from read_documents(src, text_field=text_field, bad=bad)
