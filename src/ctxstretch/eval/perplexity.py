@@ -40,3 +40,32 @@ def loss_by_bucket(losses: np.ndarray, buckets: list[tuple[int, int]]) -> dict[s
         if cols.size:
             res[f"{lo}-{hi}"] = float(cols.mean())
     return res
+
+
+def loss_vs_context(losses: np.ndarray, contexts: list[int]) -> dict[int, float]:
+    """Loss of tokens that see about `c` tokens of context: mean loss at positions [c/2, c), per c in `contexts`."""
+    return {c: float(losses[:, max(0, c // 2 - 1) : c - 1].mean()) for c in contexts if c - 1 <= losses.shape[1]}
+
+
+def fit_power_law(contexts: list[int], losses: list[float]) -> dict[str, float]:
+    """Fit Llama 2 Long's `loss(c) = (alpha / c) ** beta + gamma` (Xiong et al., 2023, §4.1).
+
+    For each gamma on a grid below the smallest loss, log(loss - gamma) is linear in log(c); keep the best fit.
+    Returns alpha, beta, gamma and the root-mean-square error in nats."""
+    c = np.asarray(contexts, dtype=float)
+    y = np.asarray(losses, dtype=float)
+    if len(c) < 3:
+        raise ValueError("a power-law fit needs at least three context lengths")
+    best = None
+    for gamma in np.linspace(0.0, y.min() - 1e-3, 400):
+        slope, intercept = np.polyfit(np.log(c), np.log(y - gamma), 1)
+        beta = -slope
+        if beta <= 0:
+            continue
+        alpha = float(np.exp(intercept / beta))
+        rmse = float(np.sqrt(np.mean(((alpha / c) ** beta + gamma - y) ** 2)))
+        if best is None or rmse < best["rmse"]:
+            best = {"alpha": alpha, "beta": float(beta), "gamma": float(gamma), "rmse": rmse}
+    if best is None:
+        raise ValueError("loss does not fall with context length; no power law to fit")
+    return best
