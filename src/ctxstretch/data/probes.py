@@ -31,6 +31,11 @@ def rng_for(purpose: str, seed: int, evaluation: bool) -> np.random.Generator:
     return np.random.default_rng([base + seed, digest])
 
 
+def random_word(rng: np.random.Generator, lo: int = 4, hi: int = 8) -> str:
+    """A random lowercase key such as 'qzkfe' (RULER uses random words as needle keys)."""
+    return "".join(rng.choice(_LETTERS, size=int(rng.integers(lo, hi))))
+
+
 @dataclass
 class Example:
     """One probe: `input_ids` and `labels` of equal length; the answer is the labelled tail."""
@@ -56,19 +61,33 @@ class ProbeBuilder:
             self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def _assemble(
-        self, hay: np.ndarray, prefix: list[int], needle: list[int], question: list[int], answer: list[int],
-        length: int, depth: float,
+    def assemble(
+        self, hay: np.ndarray, prefix: list[int], needles: list[list[int]], depths: list[float],
+        question: list[int], answer: list[int], length: int,
     ) -> Example:
-        room = length - len(prefix) - len(needle) - len(question) - len(answer)
+        """prefix + haystack with each needle inserted at its depth (a fraction of the haystack) + question +
+        answer, exactly `length` tokens; labels only on the answer."""
+        room = length - len(prefix) - sum(map(len, needles)) - len(question) - len(answer)
         if room < 0:
-            raise ValueError(f"a probe of {length} tokens is too short for its needle and question")
-        hay = hay[:room]
-        at = int(round(depth * room))
-        ids = np.concatenate([prefix, hay[:at], needle, hay[at:], question, answer]).astype(np.int64)
+            raise ValueError(f"a probe of {length} tokens is too short for its needles and question")
+        hay = np.asarray(hay[:room], dtype=np.int64)
+        parts, last = [np.asarray(prefix, dtype=np.int64)], 0
+        for depth, needle in sorted(zip(depths, needles, strict=True), key=lambda t: t[0]):
+            at = int(round(depth * room))
+            parts += [hay[last:at], np.asarray(needle, dtype=np.int64)]
+            last = at
+        parts += [hay[last:], np.asarray(question, dtype=np.int64), np.asarray(answer, dtype=np.int64)]
+        ids = np.concatenate(parts)
         labels = np.full(len(ids), IGNORE, dtype=np.int64)
         labels[-len(answer):] = answer
-        return Example(ids, labels, depth)
+        return Example(ids, labels, float(depths[0]) if depths else 0.0)
+
+    def text_haystack(self, rng: np.random.Generator, length: int) -> np.ndarray:
+        """A random window of real text from the haystack array."""
+        if self.haystack is None or len(self.haystack) <= length:
+            raise ValueError("needle probes need a haystack token array longer than the probe")
+        start = int(rng.integers(0, len(self.haystack) - length))
+        return np.asarray(self.haystack[start : start + length], dtype=np.int64)
 
     def passkey(self, rng: np.random.Generator, length: int, depth: float, digits: int = 5) -> Example:
         """The classic passkey probe (Mohtashami & Jaggi, 2023): a number hidden in repeated filler sentences."""
@@ -76,21 +95,20 @@ class ProbeBuilder:
         needle = self.enc(PASSKEY_NEEDLE.format(key=key))
         reps = 1 + length // max(1, len(self._filler))
         hay = np.tile(self._filler, reps)
-        return self._assemble(
-            hay, self.enc(PASSKEY_INTRO), needle, self.enc(PASSKEY_QUESTION), self.enc(" " + key), length, depth
+        return self.assemble(
+            hay, self.enc(PASSKEY_INTRO), [needle], [depth], self.enc(PASSKEY_QUESTION), self.enc(" " + key), length
         )
 
     def needle(self, rng: np.random.Generator, length: int, depth: float, digits: int = 6) -> Example:
         """Needle in a haystack (RULER's single needle): a keyed magic number inside real text."""
         if self.haystack is None or len(self.haystack) <= length:
             raise ValueError("needle probes need a haystack token array longer than the probe")
-        word = "".join(rng.choice(_LETTERS, size=int(rng.integers(4, 8))))
+        word = random_word(rng)
         key = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
-        start = int(rng.integers(0, len(self.haystack) - length))
-        hay = np.asarray(self.haystack[start : start + length], dtype=np.int64)
-        return self._assemble(
-            hay, [], self.enc(NEEDLE_TEXT.format(word=word, key=key)),
-            self.enc(NEEDLE_QUESTION.format(word=word)), self.enc(" " + key), length, depth,
+        hay = self.text_haystack(rng, length)
+        return self.assemble(
+            hay, [], [self.enc(NEEDLE_TEXT.format(word=word, key=key))], [depth],
+            self.enc(NEEDLE_QUESTION.format(word=word)), self.enc(" " + key), length,
         )
 
     def copy(self, rng: np.random.Generator, length: int, span: int | None = None,
