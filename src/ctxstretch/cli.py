@@ -10,12 +10,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from .cli_data import data_app
 from .config import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Extend the context window of a causal LM cheaply, and prove it worked.")
 tiny_app = typer.Typer(no_args_is_help=True, help="The embedded base model.")
 app.add_typer(tiny_app, name="tiny")
+app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 
@@ -156,6 +158,33 @@ def import_cmd(
         start = time.perf_counter()
         path = import_gguf(gguf_path, out, force=force)
         console.print(f"[green]done[/]: {path} ({time.perf_counter() - start:.1f} s)", highlight=False)
+
+    _guarded(go)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run directories from `extend` or `eval`")],
+    out: Annotated[Path, typer.Option(help="directory for the combined report.md/report.html")] = Path("runs/report"),
+) -> None:
+    """Compare any number of evaluated models side by side (report.md and a self-contained report.html)."""
+
+    def go() -> None:
+        from .eval.report import write_report
+        from .eval.suite import EvalResult
+
+        results: dict[str, EvalResult] = {}
+        for run in runs:
+            found = [d for d in (run, run / "base", run / "extended") if (d / "eval.json").exists()]
+            if not found:
+                raise ConfigError(f"{run}: no eval.json here or in base/ or extended/; pass a run directory")
+            for d in found:
+                results[run.name if d == run else f"{run.name}/{d.name}"] = EvalResult.load(d)
+        out.mkdir(parents=True, exist_ok=True)
+        window = min((r.window for r in results.values() if r.window), default=0) or None
+        path = write_report(out, "ctxstretch report", [f"- runs: {', '.join(str(r) for r in runs)}"], results,
+                            window or 0)
+        console.print(f"[green]done[/]: {path} and {path.with_suffix('.html')}")
 
     _guarded(go)
 

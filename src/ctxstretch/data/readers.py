@@ -160,7 +160,8 @@ def read_parquet(path: Path, bad: BadRecords, source: str, text_field: str = "te
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)}); check the file") from None
+        bad.add(path, 1, f"not a readable Parquet file ({_first_line(e)})", "replace or remove the file")
+        return
     columns = pf.schema_arrow.names
     batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=[text_field]) if text_field in columns else iter(())
     yield from _read_batches(batches, path, bad, source, text_field, columns)
@@ -179,7 +180,8 @@ def read_arrow(path: Path, bad: BadRecords, source: str, text_field: str = "text
         try:
             file_reader = pa.ipc.open_file(source_file)
         except pa.ArrowInvalid as e:
-            raise DataError(f"{path}: not an Arrow IPC file ({_first_line(e)}); check the file") from None
+            bad.add(path, 1, f"not an Arrow IPC file ({_first_line(e)})", "replace or remove the file")
+            return
         reader = file_reader
         batches = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
     yield from _read_batches(batches, path, bad, source, text_field, reader.schema.names)
@@ -205,7 +207,7 @@ def read_saved_dataset(path: Path, bad: BadRecords, source: str, text_field: str
         else:
             raise DataError(f"{path}: a dataset with splits {', '.join(splits)} and no 'train'; pass one split's "
                             f"folder, e.g. {path / splits[0]}")
-    batches = ds.iter(batch_size=_BATCH_ROWS) if text_field in ds.column_names else iter(())
+    batches = ds.select_columns([text_field]).iter(batch_size=_BATCH_ROWS) if text_field in ds.column_names else ()
     yield from _read_batches(batches, where, bad, source, text_field, list(ds.column_names))
 
 
@@ -215,13 +217,20 @@ def _first_line(e: BaseException) -> str:
 
 
 def _files_under(folder: Path) -> Iterator[Path]:
-    """Readable files under `folder`, sorted, skipping VCS/cache folders and saved datasets' internals."""
+    """Readable files and saved-dataset folders under `folder`, sorted, skipping hidden, VCS and cache folders."""
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        keep = []
+        for d in sorted(dirs):
+            if d in _SKIP_DIRS or d.startswith("."):
+                continue
+            if is_saved_dataset(Path(root) / d):
+                yield Path(root) / d  # read as a dataset, not as loose Arrow files
+            else:
+                keep.append(d)
+        dirs[:] = keep
         for name in sorted(files):
             p = Path(root) / name
-            suffix = p.suffix.lower()
-            if suffix in TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES | ARROW_SUFFIXES:
+            if p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES | ARROW_SUFFIXES:
                 yield p
 
 
@@ -256,7 +265,10 @@ def read_documents(src: str | Path, *, text_field: str = "text", bad: BadRecords
     else:
         files = iter([path])
     for p in files:
-        yield from read_file(p, bad, name, text_field)
+        if p.is_dir():
+            yield from read_saved_dataset(p, bad, name, text_field)
+        else:
+            yield from read_file(p, bad, name, text_field)
 
 
 def read_file(path: Path, bad: BadRecords, source: str, text_field: str = "text") -> Iterator[Document]:

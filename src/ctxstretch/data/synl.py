@@ -57,7 +57,7 @@ DEFAULT_COLUMNS = (Column("id", "key"), Column("name", "name"), Column("departme
 @dataclass
 class Table:
     """Column name → values, all (n,) numpy arrays: str for key/name/category/ref, int64 for integer, datetime64[D]
-    for date. Rows are a prefix-stable draw: `table.head(n)` is what a smaller table from the same seed holds."""
+    for date. Any prefix `table.head(n)` is itself a valid table (references only point to earlier rows)."""
 
     columns: tuple[Column, ...]
     values: dict[str, np.ndarray]

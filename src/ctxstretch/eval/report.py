@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import html
+import re
 from pathlib import Path
 
+from .perplexity import fit_power_law, loss_vs_context
 from .plots import heatmap, loss_curves
-from .suite import EvalResult
+from .suite import EvalResult, doublings
 
 
 def _pct(x: float | None) -> str:
@@ -46,13 +50,92 @@ def write_report(out: Path, title: str, header: list[str], results: dict[str, Ev
         loss_curves(curves, out / "loss_by_position.png", window)
         plots.append("![loss by position](loss_by_position.png)")
     lines = [f"# {title}", "", *header, "", "## Before / after", "", *comparison_table(results), ""]
+    lines += power_law_section(results, window)
     if checks:
         lines += ["## Targets", "", "| claim | measured | met |", "|---|---|---|"]
         lines += [f"| {claim} | {measured} | {'yes' if ok else '**no**'} |" for claim, ok, measured in checks]
         lines.append("")
     lines += ["## Plots", "", *plots, ""]
     path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    _atomic_write(path, "\n".join(lines))
+    _atomic_write(out / "report.html", markdown_to_html(lines, out, title))
     return path
+
+
+def power_law_section(results: dict[str, EvalResult], window: int) -> list[str]:
+    """Llama 2 Long's fit of loss vs context length, one row per model that has per-token losses."""
+    rows = []
+    for name, r in results.items():
+        if r.losses is None or (r.window or window) <= 0:
+            continue
+        contexts = doublings(r.window or window, r.losses.shape[1] + 1)
+        points = loss_vs_context(r.losses, contexts)
+        try:
+            fit = fit_power_law(list(points), list(points.values()))
+        except ValueError as e:
+            rows.append(f"| {name} | {_points(points)} | no fit: {e} |")
+            continue
+        rows.append(f"| {name} | {_points(points)} | α={fit['alpha']:.3g}, β={fit['beta']:.3f}, "
+                    f"γ={fit['gamma']:.3f} (rmse {fit['rmse']:.3f}) |")
+    if not rows:
+        return []
+    return ["## Loss vs context length", "",
+            "Loss of tokens that see c/2…c tokens of context, and the fit `loss(c) = (α/c)^β + γ` "
+            "(Xiong et al., 2023).", "", "| model | loss at c | fit |", "|---|---|---|", *rows, ""]
+
+
+def _points(points: dict[int, float]) -> str:
+    return ", ".join(f"{c:,}: {v:.3f}" for c, v in points.items())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def markdown_to_html(lines: list[str], base: Path, title: str) -> str:
+    """A self-contained HTML page (plots embedded) from the report's simple markdown."""
+    out, in_table, in_list = [], False, False
+
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+    for line in lines:
+        if in_table and not line.startswith("|"):
+            out.append("</table>")
+            in_table = False
+        if in_list and not line.startswith("- "):
+            out.append("</ul>")
+            in_list = False
+        if line.startswith("## "):
+            out.append(f"<h2>{inline(line[3:])}</h2>")
+        elif line.startswith("# "):
+            out.append(f"<h1>{inline(line[2:])}</h1>")
+        elif line.startswith("- "):
+            out.append(("" if in_list else "<ul>") + f"<li>{inline(line[2:])}</li>")
+            in_list = True
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if set("".join(cells)) <= set("-: "):
+                continue
+            tag = "th" if not in_table else "td"
+            out.append(("" if in_table else "<table>") + "<tr>" + "".join(f"<{tag}>{inline(c)}</{tag}>"
+                                                                      for c in cells) + "</tr>")
+            in_table = True
+        elif m := re.match(r"!\[(.*?)\]\((.+?)\)", line):
+            data = base64.b64encode((base / m.group(2)).read_bytes()).decode()
+            out.append(f'<p><img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{data}"></p>')
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    if in_table:
+        out.append("</table>")
+    if in_list:
+        out.append("</ul>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "img{max-width:100%}code{background:#f3f3f3}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")

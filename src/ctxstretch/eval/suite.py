@@ -32,6 +32,9 @@ class EvalConfig(Strict):
 
 
 def doublings(base_window: int, target: int) -> list[int]:
+    """base_window, 2·base_window, … below target, then target."""
+    if base_window <= 0:
+        raise ValueError(f"base window must be positive, got {base_window}")
     out, n = [], base_window
     while n < target:
         out.append(n)
@@ -45,6 +48,7 @@ class EvalResult:
     needle: Grid | None
     losses: np.ndarray | None  # (rows, length-1) per-token loss
     buckets: dict[str, float]
+    window: int = 0  # the evaluated model's original window, for plots and fits
 
     def summary(self) -> dict:
         s = {"passkey": self.passkey.by_length(), "loss_by_position": self.buckets}
@@ -55,7 +59,7 @@ class EvalResult:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         data = {"passkey": self.passkey.to_json(), "needle": self.needle.to_json() if self.needle else None,
-                "loss_by_position": self.buckets}
+                "loss_by_position": self.buckets, "window": self.window}
         (directory / "eval.json").write_text(json.dumps(data, indent=1))
         if self.losses is not None:
             np.save(directory / "token_losses.npy", self.losses.astype(np.float32), allow_pickle=False)
@@ -69,7 +73,8 @@ class EvalResult:
 
         lp = directory / "token_losses.npy"
         losses = np.load(lp, allow_pickle=False) if lp.exists() else None
-        return cls(grid(data["passkey"]), grid(data["needle"]), losses, data["loss_by_position"])
+        return cls(grid(data["passkey"]), grid(data["needle"]), losses, data["loss_by_position"],
+                   data.get("window", 0))
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, cache_dir: Path | None = None,
@@ -86,4 +91,4 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
         length = max(lengths)
         losses = token_losses(model, heldout, length, cfg.loss_rows, batch_size=1)
         buckets = loss_by_bucket(losses, default_buckets(length, base_window))
-    return EvalResult(passkey, needle, losses, buckets)
+    return EvalResult(passkey, needle, losses, buckets, base_window)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import TrainConfig
 from ..data.probes import IGNORE
-from ..masking import attention_mask_for
+from ..masking import mask_for_model
 
 Batch = dict[str, torch.Tensor]
 BatchFn = Callable[[int], Batch]
@@ -161,7 +161,7 @@ def train_stage(
                 with accelerator.autocast():
                     logits = model(
                         input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                        attention_mask=attention_mask_for(batch["segment_ids"]), use_cache=False,
+                        attention_mask=mask_for_model(model, batch["segment_ids"]), use_cache=False,
                     ).logits
                 loss = row_mean_loss(logits, batch["labels"]) / cfg.grad_accum
                 accelerator.backward(loss)
