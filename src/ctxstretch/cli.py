@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from .cli_data import data_app
-from .config import ConfigError
+from .config import ConfigError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Extend the context window of a causal LM cheaply, and prove it worked.")
@@ -23,12 +23,9 @@ console = Console(stderr=True)
 
 def _guarded(fn: Callable[[], object]) -> None:
     """Run `fn`; turn user errors into one line on stderr and exit code 2."""
-    from .models import ModelError
-    from .rope import RopeError
-
     try:
         fn()
-    except (ConfigError, ModelError, RopeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (UserError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:

@@ -355,16 +355,10 @@ def build_synl(out: Path, *, model: str = "embedded", lengths: list[int], count:
 
 # ----------------------------------------------------------------------------------------------------- commands
 def _run(fn: Callable[[], object]) -> None:
-    """`_guarded`, with data errors reported the same way (one line, exit 2)."""
+    """Run a data command through the CLI's error guard (one line, exit 2)."""
     from .cli import _guarded
 
-    def go() -> None:
-        try:
-            fn()
-        except DataError as e:
-            raise ConfigError(str(e)) from None
-
-    _guarded(go)
+    _guarded(fn)
 
 
 def _done(out: Path, w: Written) -> None:

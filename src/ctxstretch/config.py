@@ -8,8 +8,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the user (one line, names the field and the fix)."""
+class UserError(ValueError):
+    """A problem with what the user gave us, phrased for them: one line naming the file/field and the fix.
+    The CLI prints it as `error: …` and exits with code 2."""
+
+
+class ConfigError(UserError):
+    """A configuration problem."""
 
 
 class Strict(BaseModel):

@@ -14,13 +14,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from .config import UserError  # noqa: E402
 from .rope import current_rope  # noqa: E402
 from .tiny import MODEL_DIR  # noqa: E402
 
 EMBEDDED = "embedded"
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model directory that cannot be used, phrased for the user."""
 
 

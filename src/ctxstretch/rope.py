@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .config import UserError
+
 METHODS = ("abf", "ntk-fixed", "pi", "ntk", "yarn", "llama3")
 
 
-class RopeError(ValueError):
+class RopeError(UserError):
     """The model cannot take the requested rope method."""
 
 

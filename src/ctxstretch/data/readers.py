@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..config import UserError
 from .sources import embedded_documents
 
 OnBad = Literal["fail", "skip"]
@@ -29,7 +30,7 @@ _BATCH_ROWS = 1024  # records per Arrow batch read
 _KEEP_EXAMPLES = 100  # bad records remembered individually; the rest are only counted
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Input data that cannot be used, phrased for the user (one line: file:line, the problem and the fix)."""
 
 
