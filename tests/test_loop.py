@@ -65,3 +65,19 @@ def test_schedule_warms_up_then_decays():
     assert f(10) == pytest.approx(1.0)
     assert f(100) == pytest.approx(0.1)
     assert f(50) > f(90)
+
+
+def test_stopping_rule_ends_the_stage_and_a_resume_does_not_continue_it(tmp_path, tokenizer):
+    r = rows(tokenizer)
+    calls = []
+
+    def evaluate(model, step):
+        calls.append(step)
+        return {"score": float(step)}
+
+    c = cfg(steps=12, eval_every=2, checkpoint_every=5)
+    train_stage(micro_llama(tokenizer), r, c, tmp_path, eval_fn=evaluate, stop_when=lambda rec: rec["score"] >= 4)
+    assert calls == [2, 4] and latest_checkpoint(tmp_path).name == "step-4"
+    train_stage(micro_llama(tokenizer), r, c, tmp_path, resume=True, eval_fn=evaluate,
+                stop_when=lambda rec: rec["score"] >= 4)
+    assert calls == [2, 4], "a stage that met its stopping rule is not trained further on resume"

@@ -31,9 +31,14 @@ from .rope import apply_rope, original_window
 from .train.loop import latest_checkpoint, resolve_device, train_stage
 
 
-def _default_train() -> TrainConfig:
-    return TrainConfig(steps=300, batch_size=4, lr=5e-4, warmup_steps=30, min_lr_ratio=0.1, checkpoint_every=50,
-                       log_every=10)
+class ExtendTrainConfig(TrainConfig):
+    """The training stage of `extend`, with the default recipe's budget (sized for the embedded model on a CPU)."""
+
+    steps: int = Field(200, ge=0, description="optimizer steps (0: training-free)")
+    batch_size: int = Field(4, ge=1, description="rows per micro-batch")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
+    checkpoint_every: int = Field(25, ge=1, description="save a resumable checkpoint every N steps")
 
 
 class ExtendConfig(Strict):
@@ -49,7 +54,7 @@ class ExtendConfig(Strict):
     mix: dict[str, float] = Field(
         default_factory=lambda: {"text": 0.4, "passkey": 0.25, "needle": 0.25, "text_copy": 0.1},
         description=f"row kinds and weights: {', '.join(ROW_KINDS)}")
-    train: TrainConfig = Field(default_factory=_default_train)
+    train: ExtendTrainConfig = Field(default_factory=ExtendTrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     trust_remote_code: bool = False
     allow_bin: bool = False

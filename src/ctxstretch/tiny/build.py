@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..config import TrainConfig
@@ -26,7 +26,7 @@ from ..data.probes import IGNORE, ProbeBuilder, rng_for
 from ..data.sources import embedded_documents, embedded_token_stream
 from ..eval.passkey import retrieval_grid
 from ..eval.perplexity import token_losses
-from ..train.loop import train_stage
+from ..train.loop import checkpoint_state, latest_checkpoint, plain_state_dict, train_stage
 from .tokenizer import train_tokenizer
 
 WINDOW = 256
@@ -77,7 +77,6 @@ def copy_accuracy(model, tokenizer, length: int = 64, n: int = 32) -> float:
 def build(work_dir: Path, out_dir: Path, resume: bool = True, console: Console | None = None) -> Path:
     """Train the embedded base into `out_dir` (a plain HF model directory). Resumes from `work_dir`."""
     console = console or Console()
-    t0 = time.time()
     work_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = work_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
@@ -103,24 +102,23 @@ def build(work_dir: Path, out_dir: Path, resume: bool = True, console: Console |
                 **{f"passkey@{n}": round(a, 3) for n, a in pk.by_length().items()},
                 "needle@256": round(nd.by_length()[WINDOW], 3)}
 
-    tokens = 0
+    tokens, train_seconds, steps = 0, 0.0, {}
     for name, spec in STAGES.items():
         maker = RowMixer(tokenizer, train_ids, name=f"tiny-{name}", seed=SEED, length=spec["length"],
                          batch=spec["batch"], mix=spec["mix"])
         stage_dir = work_dir / name
         done = stage_dir / "done.safetensors"
         cfg: TrainConfig = spec["train"]
-        tokens += cfg.steps * cfg.batch_size * spec["length"]
         if done.exists():
-            from safetensors.torch import load_file
-
             model.load_state_dict(load_file(done), strict=False)
-            continue
-        model = train_stage(model, maker, cfg, stage_dir, resume=resume, eval_fn=evaluate, name=name,
-                            stop_when=spec.get("stop_when"))
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, stage_dir / "done.safetensors")
+        else:
+            model = train_stage(model, maker, cfg, stage_dir, resume=resume, eval_fn=evaluate, name=name,
+                                stop_when=spec.get("stop_when"))
+            save_file(plain_state_dict(model), done)
+        state = checkpoint_state(latest_checkpoint(stage_dir))
+        steps[name] = int(state["step"])
+        tokens += steps[name] * cfg.batch_size * spec["length"]
+        train_seconds += float(state.get("elapsed_s", 0.0))
 
     final = final_eval(model, probes, heldout_ids)
     console.print(f"final: {final}")
@@ -129,8 +127,8 @@ def build(work_dir: Path, out_dir: Path, resume: bool = True, console: Console |
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     card = {"tokens_seen": tokens, "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(heldout_ids)),
-            "parameters": sum(p.numel() for p in model.parameters()), **final,
-            "build_minutes": round((time.time() - t0) / 60, 1), "python": platform.python_version(),
+            "parameters": sum(p.numel() for p in model.parameters()), **final, "stage_steps": steps,
+            "train_minutes": round(train_seconds / 60, 1), "python": platform.python_version(),
             "torch": torch.__version__, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
     (tmp / "build.json").write_text(json.dumps(card, indent=2))
     (tmp / "README.md").write_text(model_card(card))
@@ -161,8 +159,10 @@ model to extend on any machine, offline.
 - **Data**: the Python {card["python"]} standard-library sources and `pydoc_data` topics ({card["train_tokens"]:,}
   training tokens; one document in 20 held out: {card["heldout_tokens"]:,} tokens), mixed with synthetic copy,
   passkey and needle rows (loss on the answers). Nothing downloaded.
-- **Training**: two stages (induction: 64-token rows; window: 256-token rows), {card["tokens_seen"]:,} tokens seen,
-  {card["build_minutes"]} minutes on {card["machine"]} (torch {card["torch"]}).
+- **Training**: two stages, each ended by its stopping rule — induction (4 × 64-token rows per step, until random
+  copy accuracy ≥ 0.6): {card["stage_steps"]["induction"]:,} steps; window (8 × 256-token rows, until passkey ≥ 95% and
+  needle ≥ 90% at 256): {card["stage_steps"]["window"]:,} steps — {card["tokens_seen"]:,} tokens seen,
+  {card["train_minutes"]} minutes of training (wall clock) on {card["machine"]} (torch {card["torch"]}).
 - **Held-out loss** at 256 tokens: {card["heldout_loss"]} nats/token. Random-token copy accuracy:
   {card["copy_acc"]:.0%}.
 - **Passkey** (5 depths × 10 probes): {", ".join(f"{k} tokens {v:.0%}" for k, v in pk.items())}.

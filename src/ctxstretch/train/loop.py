@@ -87,26 +87,38 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig) -> None:
+def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous copies of every tensor (tied weights become separate copies, as safetensors requires)."""
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig,
+                     stopped: bool = False, elapsed_s: float = 0.0) -> None:
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "model.safetensors")
+    save_file(plain_state_dict(model), tmp / "model.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
+                                                "stopped": stopped, "elapsed_s": round(elapsed_s, 1)}))
     os.replace(tmp, final)
     for old in sorted(root.glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))[: -cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
+def checkpoint_state(ckpt: Path) -> dict:
+    """step, stopped (the stage met its stopping rule there) and elapsed_s (training seconds up to it)."""
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, bool, float]:
+    """Restore model, optimizer and schedule; return (step, stopped early there, training seconds so far)."""
     model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    state = json.loads((ckpt / "state.json").read_text())
+    state = checkpoint_state(ckpt)
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    return int(state["step"]), bool(state.get("stopped", False)), float(state.get("elapsed_s", 0.0))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -141,11 +153,13 @@ def train_stage(
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     metrics_path = run_dir / "metrics.jsonl"
-    start = 0
+    start, stopped, before = 0, False, 0.0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        start = _load_checkpoint(ckpt, model, optimizer, scheduler)
+        start, stopped, before = _load_checkpoint(ckpt, model, optimizer, scheduler)
         _truncate_metrics(metrics_path, start)
+    if stopped:  # the stage had already met its stopping rule
+        return model.eval()
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
@@ -179,7 +193,8 @@ def train_stage(
             record: dict[str, float | int | str] = {}
             if done % cfg.log_every == 0 or done == cfg.steps:
                 record = {"stage": name, "step": done, "loss": round(total, 5),
-                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(rate, 1)}
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(rate, 1),
+                          "elapsed_s": round(before + time.perf_counter() - t0, 1)}
             if eval_fn is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 model.eval()
                 with torch.no_grad(), accelerator.autocast():
@@ -193,7 +208,8 @@ def train_stage(
                 log.flush()
             stop = bool(record) and "eval" in record and stop_when is not None and stop_when(record)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
-                _save_checkpoint(run_dir, done, accelerator.unwrap_model(model), optimizer, scheduler, cfg)
+                _save_checkpoint(run_dir, done, accelerator.unwrap_model(model), optimizer, scheduler, cfg, stop,
+                                 before + time.perf_counter() - t0)
             if stop:
                 progress.console.print(f"{name}: stopping rule met at step {done}")
                 break
