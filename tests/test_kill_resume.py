@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     from ctxstretch.config import TrainConfig
     from ctxstretch.data.mix import RowMixer
     from ctxstretch.tiny import MODEL_DIR
-    from ctxstretch.train.loop import train_stage
+    from ctxstretch.train.loop import plain_state_dict, train_stage
     from safetensors.torch import save_file
     sys.path.insert(0, {root!r})
     from tests.conftest import micro_llama
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
                       precision="fp32")
     run = Path(sys.argv[1])
     model = train_stage(micro_llama(tok), rows, cfg, run, resume=len(sys.argv) > 2)
-    save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, run / "final.safetensors")
+    save_file(plain_state_dict(model), run / "final.safetensors")
 """)
 
 

@@ -178,7 +178,9 @@ def target_checks(base: EvalResult, ext: EvalResult, window: int, target: int) -
     inside = [n for n in b if n <= window]
     if inside:
         drop = max(b[n] - e[n] for n in inside)
-        checks.append(("inside the base window, extended loses ≤ 5 points", drop <= 0.05, f"{drop * 100:+.0f} pts"))
+        checks.append(("inside the base window, extended loses ≤ 5 points", drop <= 0.05,
+                       f"largest loss {max(drop, 0) * 100:.0f} pts (extended − base: "
+                       + ", ".join(f"{(e[n] - b[n]) * 100:+.0f}" for n in inside) + ")"))
     buckets = ext.buckets
     first, far = f"0-{window}", next((k for k in buckets if k.endswith(f"-{target}")), None)
     if first in buckets and far:

@@ -18,7 +18,7 @@ _RED_GREEN = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#
 
 def heatmap(grids: dict[str, Grid], path: Path, title: str, window: int | None = None) -> Path:
     """One panel per model: accuracy per (depth, length), with the base window marked."""
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids) + 0.8, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.8 * len(grids) + 0.8, 3.6), squeeze=False)
     for ax, (name, g) in zip(axes[0], grids.items(), strict=True):
         im = ax.imshow(g.acc, cmap=_RED_GREEN, vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(g.lengths)), [f"{n:,}" for n in g.lengths], rotation=45)
