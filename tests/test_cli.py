@@ -101,5 +101,24 @@ def test_eval_runs_on_any_local_model(tmp_path, micro_model_dir):
     data = json.loads((out_dir / "eval.json").read_text())
     assert data["passkey"]["lengths"] == [128, 256] and len(data["passkey"]["acc"]) == 5
     assert (out_dir / "needle.png").exists() and (out_dir / "report.md").exists()
+    assert (out_dir / "report.html").read_text().count("data:image/png;base64") >= 3
     code, out = run("eval", "--model", str(micro_model_dir), "--lengths", "1k,x", "--out", str(tmp_path / "e2"))
     assert code == 2 and "not a length" in one_line_error(out)
+
+
+def test_eval_ruler_tasks_and_report_command(tmp_path, micro_model_dir):
+    ev = tmp_path / "ev"
+    result = runner.invoke(app, ["eval", "--model", str(micro_model_dir), "--lengths", "300", "--trials", "1",
+                                 "--ruler", "niah_multikey,vt", "--out", str(ev)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((ev / "eval.json").read_text())
+    assert set(data["ruler"]) == {"niah_multikey", "vt"} and set(data["ruler"]["vt"]) == {"300"}
+    assert "## RULER-style tasks" in (ev / "report.md").read_text()
+    rep = tmp_path / "rep"
+    result = runner.invoke(app, ["report", str(ev), str(ev), "--out", str(rep)])
+    assert result.exit_code == 0, result.output
+    assert (rep / "report.html").exists() and "| passkey @ 300 |" in (rep / "report.md").read_text()
+    code, out = run("eval", "--model", str(micro_model_dir), "--ruler", "qa", "--out", str(tmp_path / "e3"))
+    assert code == 2 and "unknown task 'qa'" in one_line_error(out)
+    code, out = run("report", str(tmp_path / "nothing"), "--out", str(rep))
+    assert code == 2 and "no eval.json" in one_line_error(out)

@@ -102,15 +102,17 @@ def eval_cmd(
     out: Annotated[Path, typer.Option(help="directory for report.md, eval.json and plots")] = Path("runs/eval"),
     lengths: Annotated[str | None, typer.Option(help="comma-separated lengths, e.g. 256,1k,4k")] = None,
     trials: Annotated[int, typer.Option(help="probes per (length, depth) cell")] = 4,
+    ruler: Annotated[str | None, typer.Option(help="RULER-style tasks: 'all' or a comma list")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code")] = False,
 ) -> None:
-    """Passkey and needle grids plus loss by position for any local model."""
+    """Passkey and needle grids, loss by position and optional RULER-style tasks for any local model."""
 
     def go() -> None:
         import shutil
 
+        from .data.ruler import TASKS
         from .eval.report import write_report
         from .eval.suite import EvalConfig, doublings, evaluate
         from .models import load, load_config, resolve
@@ -119,6 +121,10 @@ def eval_cmd(
 
         if trials < 1:
             raise ConfigError(f"--trials {trials} must be ≥ 1")
+        tasks = list(TASKS) if ruler == "all" else [t.strip() for t in (ruler or "").split(",") if t.strip()]
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ConfigError(f"--ruler: unknown task '{unknown[0]}'; choose 'all' or from {', '.join(TASKS)}")
         path = resolve(model)
         window = original_window(load_config(path, trust_remote_code))
         lens = _ints(lengths) or doublings(max(64, window // 4), max(window * 2, 512))
@@ -130,7 +136,8 @@ def eval_cmd(
         from rich.progress import Progress
 
         with Progress(console=console) as progress:
-            res = evaluate(m, tok, EvalConfig(lengths=lens, trials=trials), window, max(lens), None, progress)
+            res = evaluate(m, tok, EvalConfig(lengths=lens, trials=trials, ruler=tasks), window, max(lens), None,
+                           progress)
         res.save(out)
         report = write_report(out, f"ctxstretch eval: {model}", [f"- window {window:,}; lengths {lens}"],
                               {Path(model).name or "model": res}, window)

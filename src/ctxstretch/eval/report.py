@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .perplexity import fit_power_law, loss_vs_context
 from .plots import heatmap, loss_curves
+from .ruler import effective_length, mean_by_length
 from .suite import EvalResult, doublings
 
 
@@ -50,6 +51,7 @@ def write_report(out: Path, title: str, header: list[str], results: dict[str, Ev
         loss_curves(curves, out / "loss_by_position.png", window)
         plots.append("![loss by position](loss_by_position.png)")
     lines = [f"# {title}", "", *header, "", "## Before / after", "", *comparison_table(results), ""]
+    lines += ruler_section(results)
     lines += power_law_section(results, window)
     if checks:
         lines += ["## Targets", "", "| claim | measured | met |", "|---|---|---|"]
@@ -60,6 +62,28 @@ def write_report(out: Path, title: str, header: list[str], results: dict[str, Ev
     _atomic_write(path, "\n".join(lines))
     _atomic_write(out / "report.html", markdown_to_html(lines, out, title))
     return path
+
+
+def ruler_section(results: dict[str, EvalResult]) -> list[str]:
+    """Per-task, per-length RULER accuracy and each model's effective length."""
+    rows = []
+    for name, r in results.items():
+        if not r.ruler:
+            continue
+        lengths = sorted({n for per in r.ruler.values() for n in per})
+        for task, per in r.ruler.items():
+            rows.append(f"| {name} | {task} | " + " | ".join(_pct(per.get(n)) for n in lengths) + " |")
+        means = mean_by_length(r.ruler)
+        eff = effective_length(means)
+        rows.append(f"| {name} | **mean** (effective length: {'–' if eff is None else f'{eff:,}'}) | "
+                    + " | ".join(_pct(means[n]) for n in lengths) + " |")
+    if not rows:
+        return []
+    lengths = sorted({n for r in results.values() for per in r.ruler.values() for n in per})
+    return ["## RULER-style tasks", "",
+            "Exact match; effective length = longest length whose mean stays ≥ 85% of the shortest length's.", "",
+            "| model | task | " + " | ".join(f"{n:,}" for n in lengths) + " |",
+            "|---|---|" + "---|" * len(lengths), *rows, ""]
 
 
 def power_law_section(results: dict[str, EvalResult], window: int) -> list[str]:

@@ -5,7 +5,7 @@ that model's tokenizer."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +14,11 @@ from rich.progress import Progress
 
 from ..config import Strict
 from ..data.probes import ProbeBuilder
+from ..data.ruler import RulerBuilder
 from ..data.sources import embedded_token_stream
 from .passkey import Grid, retrieval_grid
 from .perplexity import default_buckets, loss_by_bucket, token_losses
+from .ruler import ruler_scores
 
 
 class EvalConfig(Strict):
@@ -26,6 +28,7 @@ class EvalConfig(Strict):
     depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     trials: int = Field(4, ge=1, description="probes per (length, depth) cell")
     needle: bool = True
+    ruler: list[str] = Field(default_factory=list, description="RULER-style tasks to score (see data/ruler.py)")
     loss_rows: int = Field(8, ge=0, description="held-out rows for loss by position (0: skip)")
     batch_size: int = Field(2, ge=1)
     seed: int = 0
@@ -49,17 +52,21 @@ class EvalResult:
     losses: np.ndarray | None  # (rows, length-1) per-token loss
     buckets: dict[str, float]
     window: int = 0  # the evaluated model's original window, for plots and fits
+    ruler: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> length -> accuracy
 
     def summary(self) -> dict:
         s = {"passkey": self.passkey.by_length(), "loss_by_position": self.buckets}
         if self.needle is not None:
             s["needle"] = self.needle.by_length()
+        if self.ruler:
+            s["ruler"] = self.ruler
         return s
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         data = {"passkey": self.passkey.to_json(), "needle": self.needle.to_json() if self.needle else None,
-                "loss_by_position": self.buckets, "window": self.window}
+                "loss_by_position": self.buckets, "window": self.window,
+                "ruler": {t: {str(n): a for n, a in per.items()} for t, per in self.ruler.items()}}
         (directory / "eval.json").write_text(json.dumps(data, indent=1))
         if self.losses is not None:
             np.save(directory / "token_losses.npy", self.losses.astype(np.float32), allow_pickle=False)
@@ -73,8 +80,9 @@ class EvalResult:
 
         lp = directory / "token_losses.npy"
         losses = np.load(lp, allow_pickle=False) if lp.exists() else None
+        ruler = {t: {int(n): a for n, a in per.items()} for t, per in data.get("ruler", {}).items()}
         return cls(grid(data["passkey"]), grid(data["needle"]), losses, data["loss_by_position"],
-                   data.get("window", 0))
+                   data.get("window", 0), ruler)
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, cache_dir: Path | None = None,
@@ -91,4 +99,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
         length = max(lengths)
         losses = token_losses(model, heldout, length, cfg.loss_rows, batch_size=1)
         buckets = loss_by_bucket(losses, default_buckets(length, base_window))
-    return EvalResult(passkey, needle, losses, buckets, base_window)
+    ruler = {}
+    if cfg.ruler:
+        ruler = ruler_scores(model, RulerBuilder(builder), lengths, tuple(cfg.ruler), trials=cfg.trials,
+                             seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+    return EvalResult(passkey, needle, losses, buckets, base_window, ruler)
