@@ -74,3 +74,20 @@ def test_model_loads_and_generates_without_ctxstretch(run_dir):
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "generated" in res.stdout
+
+
+def test_lora_extension_writes_a_plain_merged_model(tmp_path, micro_model_dir):
+    cfg = tmp_path / "lora.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": str(micro_model_dir), "target": 256, "lora_rank": 4,
+        "train": {"steps": 2, "batch_size": 1, "checkpoint_every": 1, "log_every": 1},
+        "eval": {"trials": 1, "depths": [0.5], "needle": False, "loss_rows": 0, "lengths": [256]},
+    }))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["extend", "--config", str(cfg), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    keys = load_file(out / "model" / "model.safetensors").keys()
+    assert not any("lora" in k or "base_model" in k for k in keys)
+    assert json.loads((out / "model" / "config.json").read_text())["rope_parameters"]["rope_type"] == "default"

@@ -56,6 +56,9 @@ class ExtendConfig(Strict):
         description=f"row kinds and weights: {', '.join(ROW_KINDS)}")
     train: ExtendTrainConfig = Field(default_factory=ExtendTrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    lora_rank: int = Field(0, ge=0, description="LoRA rank via peft (0: full fine-tuning)")
+    lora_train_embeddings_norms: bool = Field(True, description="with LoRA, also train embeddings and norms "
+                                              "(LongLoRA's finding: needed for long context)")
     trust_remote_code: bool = False
     allow_bin: bool = False
     seed: int = 0
@@ -145,7 +148,11 @@ def run_extend(cfg: ExtendConfig, out: Path, resume: bool = False, force: bool =
                         batch=cfg.train.batch_size, mix=cfg.mix, positions=cfg.positions, target=cfg.target,
                         contiguous_share=cfg.contiguous_share)
         resume_train = resume and latest_checkpoint(out) is not None
+        if cfg.lora_rank:
+            model = with_lora(model, cfg.lora_rank, cfg.lora_train_embeddings_norms)
         model = train_stage(model, rows, cfg.train, out, resume=resume_train, name="extend")
+        if cfg.lora_rank:
+            model = model.merge_and_unload()  # a plain model again: the output needs no peft
     save(model, tokenizer, out / "model")
     with torch.no_grad(), Progress(console=console) as progress:
         ext = _eval_cached(out / "extended", lambda: evaluate(model, tokenizer, cfg.eval, window, cfg.target,
@@ -166,6 +173,24 @@ def run_extend(cfg: ExtendConfig, out: Path, resume: bool = False, force: bool =
     shutil.rmtree(cache, ignore_errors=True)
     console.print(f"[green]done[/] in {minutes:.1f} min: {report}")
     return report
+
+
+def with_lora(model, rank: int, train_embeddings_norms: bool):
+    """Wrap `model` with peft LoRA adapters on every attention and MLP projection (Hu et al., 2021); optionally
+    make embeddings and norms trainable too (LongLoRA, Chen et al., 2023, §3.3)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("lora_rank needs peft: pip install 'ctxstretch[peft]'") from None
+    targets = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                      if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"})
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+    if train_embeddings_norms:
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name or "norm" in name:
+                p.requires_grad_(True)
+    return model
 
 
 def target_checks(base: EvalResult, ext: EvalResult, window: int, target: int) -> list[tuple[str, bool, str]]:
