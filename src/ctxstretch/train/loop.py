@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
@@ -146,6 +147,8 @@ def train_stage(
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    # accelerate keeps one process-wide state; each stage (a recipe runs several) sets its own precision
+    AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg, device), cpu=device == "cpu")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
