@@ -122,3 +122,12 @@ def test_eval_ruler_tasks_and_report_command(tmp_path, micro_model_dir):
     assert code == 2 and "unknown task 'qa'" in one_line_error(out)
     code, out = run("report", str(tmp_path / "nothing"), "--out", str(rep))
     assert code == 2 and "no eval.json" in one_line_error(out)
+
+
+@pytest.mark.parametrize("flag,value,field", [("--steps", "-1", "train.steps"), ("--lr", "0", "train.lr"),
+                                              ("--target", "-5", "target"), ("--lora-rank", "-2", "lora_rank"),
+                                              ("--device", "tpu", "train.device")])
+def test_bad_numbers_name_the_field(tmp_path, flag, value, field):
+    code, out = run("extend", flag, value, "--out", str(tmp_path / "o"))
+    assert code == 2 and f"field '{field}'" in one_line_error(out)
+    assert not (tmp_path / "o").exists()

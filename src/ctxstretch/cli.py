@@ -60,6 +60,7 @@ def extend(
     steps: Annotated[int | None, typer.Option(help="training steps (0: training-free)")] = None,
     train_length: Annotated[int, typer.Option(help="tokens per training row (0: 0.3x target)")] = 0,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank via peft (0: full fine-tuning)")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     config: Annotated[Path | None, typer.Option(help="a config.yaml from an earlier run (flags are ignored)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
@@ -69,6 +70,7 @@ def extend(
     """Grow a model's context window and write model/, report.md, metrics.jsonl and config.yaml to --out."""
 
     def go() -> None:
+        from .config import parse
         from .extend import ExtendConfig, load_extend_config, run_extend
 
         if resume and force:
@@ -76,21 +78,11 @@ def extend(
         if config is not None:
             cfg = load_extend_config(config)
         else:
-            cfg = ExtendConfig(model=model, target=target, method=method, positions=positions,
-                               train_length=train_length, trust_remote_code=trust_remote_code)
-            update = {"device": device}
-            if steps is not None:
-                if steps < 0:
-                    raise ConfigError(f"--steps {steps} must be ≥ 0")
-                update["steps"] = steps
-            if lr is not None:
-                if lr <= 0:
-                    raise ConfigError(f"--lr {lr} must be > 0")
-                update["lr"] = lr
-            cfg.train = cfg.train.model_copy(update=update)
-            cfg.train = type(cfg.train).model_validate(cfg.train.model_dump())
-        if target < 0 or train_length < 0:
-            raise ConfigError("--target and --train-length must be positive")
+            train = {"device": device, **({"steps": steps} if steps is not None else {}),
+                     **({"lr": lr} if lr is not None else {})}
+            cfg = parse(ExtendConfig, {"model": model, "target": target, "method": method, "positions": positions,
+                                       "train_length": train_length, "trust_remote_code": trust_remote_code,
+                                       "lora_rank": lora_rank, "train": train}, "command line")
         run_extend(cfg, out, resume=resume, force=force, console=console)
 
     _guarded(go)
