@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 def default_buckets(length: int, base_window: int) -> list[tuple[int, int]]:
     """[0, L0), then doubling ranges up to `length`: (0,256), (256,512), …, (L/2, L)."""
-    edges = [0, base_window]
+    edges = [0, min(base_window, length)]
     while edges[-1] < length:
         edges.append(min(length, edges[-1] * 2))
     return list(zip(edges[:-1], edges[1:], strict=False))

@@ -92,7 +92,8 @@ def power_law_section(results: dict[str, EvalResult], window: int) -> list[str]:
     for name, r in results.items():
         if r.losses is None or (r.window or window) <= 0:
             continue
-        contexts = doublings(r.window or window, r.losses.shape[1] + 1)
+        n = r.losses.shape[1] + 1
+        contexts = doublings(min(r.window or window, n // 4), n)
         points = loss_vs_context(r.losses, contexts)
         try:
             fit = fit_power_law(list(points), list(points.values()))

@@ -150,8 +150,8 @@ def train_stage(
     # accelerate keeps one process-wide state; each stage (a recipe runs several) sets its own precision
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg, device), cpu=device == "cpu")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # transformers ≥ 5.2 renamed it activation checkpointing
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = False
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -220,5 +220,5 @@ def train_stage(
     model = accelerator.unwrap_model(model)
     model.eval()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     return model
