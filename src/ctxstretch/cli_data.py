@@ -42,10 +42,8 @@ def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
     from .models import ModelError, resolve
-    from .tiny import MODEL_DIR
 
-    # the embedded tokenizer ships on its own, so data can be built before the embedded weights exist
-    path = MODEL_DIR if model == "embedded" else resolve(model)
+    path = resolve(model)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sysconfig
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,23 +41,12 @@ def embedded_documents(split: str = "train") -> Iterator[str]:
             yield topics[key].strip()
 
 
-def tokenize_documents(tokenizer, docs: Iterator[str], eos_id: int, batch: int = 256) -> np.ndarray:
+def tokenize_documents(tokenizer, docs: Iterable[str], eos_id: int, batch: int = 256) -> np.ndarray:
     """Tokenise documents in batches into one flat uint16/int32 array, each document followed by `eos_id`."""
-    out: list[np.ndarray] = []
-    chunk: list[str] = []
+    from .packing import tokenize_batches  # packing builds on sources; imported here to keep that direction
 
-    def flush() -> None:
-        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-            out.append(np.asarray([*ids, eos_id], dtype=np.int32))
-        chunk.clear()
-
-    for doc in docs:
-        chunk.append(doc)
-        if len(chunk) >= batch:
-            flush()
-    if chunk:
-        flush()
-    flat = np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
+    parts = list(tokenize_batches(tokenizer, docs, batch=batch, eos_id=eos_id))
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     return flat.astype(np.uint16) if flat.size and flat.max() < 2**16 else flat
 
 
