@@ -131,3 +131,22 @@ def test_bad_numbers_name_the_field(tmp_path, flag, value, field):
     code, out = run("extend", flag, value, "--out", str(tmp_path / "o"))
     assert code == 2 and f"field '{field}'" in one_line_error(out)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_network_guard_is_active():
+    import socket
+
+    with pytest.raises(RuntimeError, match="network access attempted"):
+        socket.create_connection(("93.184.216.34", 443), timeout=1)
+
+
+def test_pickled_only_weights_are_refused_without_the_flag(tmp_path, micro_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(micro_model_dir / "model.safetensors")
+    (micro_model_dir / "model.safetensors").unlink()
+    torch.save(state, micro_model_dir / "pytorch_model.bin")
+    code, out = run("extend", "--model", str(micro_model_dir), "--target", "256", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--allow-bin" in one_line_error(out) and "safetensors" in out
+    assert not (tmp_path / "o").exists()

@@ -66,6 +66,7 @@ def extend(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code")] = False,
+    allow_bin: Annotated[bool, typer.Option(help="load pickled .bin weights (torch.load weights_only=True)")] = False,
 ) -> None:
     """Grow a model's context window and write model/, report.md, metrics.jsonl and config.yaml to --out."""
 
@@ -82,7 +83,8 @@ def extend(
                      **({"lr": lr} if lr is not None else {})}
             cfg = parse(ExtendConfig, {"model": model, "target": target, "method": method, "positions": positions,
                                        "train_length": train_length, "trust_remote_code": trust_remote_code,
-                                       "lora_rank": lora_rank, "train": train}, "command line")
+                                       "lora_rank": lora_rank, "allow_bin": allow_bin, "train": train},
+                        "command line")
         run_extend(cfg, out, resume=resume, force=force, console=console)
 
     _guarded(go)
