@@ -150,3 +150,16 @@ def test_pickled_only_weights_are_refused_without_the_flag(tmp_path, micro_model
     code, out = run("extend", "--model", str(micro_model_dir), "--target", "256", "--out", str(tmp_path / "o"))
     assert code == 2 and "--allow-bin" in one_line_error(out) and "safetensors" in out
     assert not (tmp_path / "o").exists()
+
+
+def test_allow_bin_loads_pickled_weights_safely(tmp_path, micro_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(micro_model_dir / "model.safetensors")
+    (micro_model_dir / "model.safetensors").unlink()
+    torch.save(state, micro_model_dir / "pytorch_model.bin")
+    from ctxstretch.models import load
+
+    model, _ = load(micro_model_dir, allow_bin=True)
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], state["model.embed_tokens.weight"])

@@ -120,7 +120,7 @@ def run_extend(cfg: ExtendConfig, out: Path, resume: bool = False, force: bool =
     console = console or Console()
     t0 = time.time()
     path = resolve(cfg.model)
-    config = load_config(path, cfg.trust_remote_code)
+    config = load_config(path, cfg.trust_remote_code, cfg.allow_bin)
     window = original_window(config)
     if cfg.target == 0:
         cfg = cfg.model_copy(update={"target": 16 * window})
@@ -138,7 +138,7 @@ def run_extend(cfg: ExtendConfig, out: Path, resume: bool = False, force: bool =
                                                            cache, progress))
     base_model = None  # free it before loading the model to extend
 
-    new_config = load_config(path, cfg.trust_remote_code)
+    new_config = load_config(path, cfg.trust_remote_code, cfg.allow_bin)
     rope = apply_rope(new_config, cfg.method, cfg.target, cfg.rope_theta)
     console.print(f"rope: {json.dumps(rope)}")
     model, _ = load(path, device, cfg.trust_remote_code, cfg.allow_bin, config=new_config)
