@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from .cli_data import data_app
-from .config import ConfigError, UserError
+from .config import ConfigError, UserError, check_out_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Extend the context window of a causal LM cheaply, and prove it worked.")
@@ -122,10 +122,8 @@ def eval_cmd(
         path = resolve(model)
         window = original_window(load_config(path, trust_remote_code))
         lens = _ints(lengths) or doublings(max(64, window // 4), max(window * 2, 512))
-        if out.exists() and any(out.iterdir()):
-            if not force:
-                raise ConfigError(f"{out} already exists; pass --force to overwrite it")
-            shutil.rmtree(out)
+        check_out_dir(out, force)
+        shutil.rmtree(out, ignore_errors=True)
         m, tok = load(path, resolve_device(device), trust_remote_code)
         from rich.progress import Progress
 

@@ -21,7 +21,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from .config import ConfigError
+from .config import ConfigError, check_out_dir
 from .data.packing import ROW_FIELDS, Rows, TokenizedCorpus, iter_packed, plan_documents
 from .data.readers import BadRecords, DataError, read_sources
 
@@ -61,11 +61,6 @@ def _pad_id(tok) -> int:
     return 0
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ConfigError(f"{out} already exists; pass --force to overwrite it")
-
-
 def _list_column(arr: np.ndarray):
     """(R, T) int array → an Arrow list<int32> column."""
     import pyarrow as pa
@@ -98,7 +93,7 @@ def write_dataset(out: Path, batches: Iterable[dict[str, object]], card: Callabl
     import datasets
     import pyarrow as pa
 
-    _check_out(out, force)
+    check_out_dir(out, force)
     quiet = datasets.utils.are_progress_bars_disabled()
     datasets.utils.disable_progress_bars()
     work = out.with_name(out.name + ".tmp")
@@ -249,7 +244,7 @@ def build_pack(srcs: list[str], out: Path, *, model: str = "embedded", length: i
     """Tokenise `srcs`, weight and shuffle documents (`plan_documents`), pack rows of `length` tokens, write `out`."""
     if length < 2:
         raise ConfigError(f"--length {length} must be at least 2")
-    _check_out(out, force)
+    check_out_dir(out, force)
     tok = load_tokenizer(model)
     bad = BadRecords(on_bad_record)  # type: ignore[arg-type]
     corpus = _read_corpus(srcs, tok, text_field, bad)
@@ -283,7 +278,7 @@ def build_cip(srcs: list[str], out: Path, *, model: str = "embedded", length: in
         raise ConfigError(f"--interleave must be round-robin or random, not {interleave!r}")
     if length < 2 or chunk_len < 1 or k < 0:
         raise ConfigError("--length must be ≥ 2, --chunk-len ≥ 1 and --k ≥ 0")
-    _check_out(out, force)
+    check_out_dir(out, force)
     tok = load_tokenizer(model)
     bad = BadRecords(on_bad_record)  # type: ignore[arg-type]
     corpus = _read_corpus(srcs, tok, text_field, bad)
@@ -320,7 +315,7 @@ def build_synl(out: Path, *, model: str = "embedded", lengths: list[int], count:
         raise ConfigError(f"--kinds: {', '.join(bad_kinds)} unknown; choose from {', '.join(KINDS)}")
     if not lengths or count < 1:
         raise ConfigError("give --lengths (e.g. 1k,4k) and --count ≥ 1")
-    _check_out(out, force)
+    check_out_dir(out, force)
     tok = load_tokenizer(model)
     pad_id, eos_id = _pad_id(tok), tok.eos_token_id
     examples = synl_examples(tok, lengths, count, seed, fmt=fmt, kinds=kinds)

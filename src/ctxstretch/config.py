@@ -33,6 +33,12 @@ class Strict(BaseModel):
         return data
 
 
+def check_out_dir(out, force: bool) -> None:
+    """Refuse an existing, non-empty output path unless `force` (the caller then replaces it)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConfigError(f"{out} already exists; pass --force to overwrite it")
+
+
 class TrainConfig(Strict):
     """One training stage."""
 

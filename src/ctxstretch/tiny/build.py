@@ -65,7 +65,8 @@ def model_config(tokenizer) -> LlamaConfig:
 def copy_accuracy(model, tokenizer, length: int = 64, n: int = 32) -> float:
     """Share of tokens predicted right in the repeated half of random-token copy rows (induction)."""
     rng = rng_for("copy-eval", SEED, evaluation=True)
-    rows = [ProbeBuilder(tokenizer).copy(rng, length, random_tokens=True) for _ in range(n)]
+    builder = ProbeBuilder(tokenizer)
+    rows = [builder.copy(rng, length, random_tokens=True) for _ in range(n)]
     device = next(model.parameters()).device
     ids = torch.tensor(np.stack([r.input_ids for r in rows]), device=device)
     target = torch.tensor(np.stack([r.labels for r in rows]), device=device)[:, 1:]
