@@ -8,27 +8,19 @@ is kept), a mix of the model's kind of text (the embedded corpus) and passkey/ne
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
 from pathlib import Path
 
-import torch
-import yaml
 from pydantic import Field
 from rich.console import Console
-from rich.progress import Progress
 
 from .config import ConfigError, Strict, TrainConfig, parse
-from .data.mix import ROW_KINDS, RowMixer
-from .data.sources import embedded_token_stream
-from .eval.report import write_report
-from .eval.suite import EvalConfig, EvalResult, evaluate
-from .models import load, load_config, resolve, save
+from .data.mix import ROW_KINDS
+from .eval.suite import EvalConfig, EvalResult
+from .models import load_config, resolve
 from .positions import METHODS as POSITION_METHODS
+from .recipes.pipeline import DataConfig, PipelineConfig, RopeConfig, StageConfig, load_yaml, run_pipeline
 from .rope import METHODS as ROPE_METHODS
-from .rope import apply_rope, original_window
-from .train.loop import latest_checkpoint, resolve_device, train_stage
+from .rope import original_window
 
 
 class ExtendTrainConfig(TrainConfig):
@@ -79,118 +71,33 @@ class ExtendConfig(Strict):
 
 
 def load_extend_config(path: Path) -> ExtendConfig:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-    return parse(ExtendConfig, data, str(path))
+    return parse(ExtendConfig, load_yaml(path), str(path))
 
 
-def prepare_out(out: Path, cfg: ExtendConfig, resume: bool, force: bool) -> None:
-    """Refuse an existing run directory unless resuming (same config) or forced."""
-    saved = out / "config.yaml"
-    if out.exists() and any(out.iterdir()):
-        if resume:
-            if saved.exists() and yaml.safe_load(saved.read_text()) != cfg.model_dump(mode="json"):
-                raise ConfigError(f"{out}: --resume with a different configuration than {saved}; rerun with the "
-                                  "same settings, or use --force to start over")
-            return
-        if not force:
-            raise ConfigError(f"{out} already exists; pass --resume to continue it or --force to overwrite it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-
-
-def _eval_cached(directory: Path, fn) -> EvalResult:
-    if (directory / "eval.json").exists():
-        return EvalResult.load(directory)
-    result = fn()
-    result.save(directory)
-    return result
+def as_pipeline(cfg: ExtendConfig) -> PipelineConfig:
+    """`extend` is a one-stage pipeline: the rope change, then one training stage named `extend`."""
+    stage = StageConfig(name="extend", positions=cfg.positions, train_length=cfg.train_length,
+                        contiguous_share=cfg.contiguous_share, data=DataConfig(mix=cfg.mix),
+                        train=TrainConfig(**cfg.train.model_dump()), lora_rank=cfg.lora_rank,
+                        lora_train_embeddings_norms=cfg.lora_train_embeddings_norms)
+    return PipelineConfig(name="extend", model=cfg.model, target=cfg.target,
+                          rope=RopeConfig(method=cfg.method, theta=cfg.rope_theta),
+                          stages=[stage] if cfg.train.steps > 0 else [], eval=cfg.eval, seed=cfg.seed,
+                          device=cfg.train.device, trust_remote_code=cfg.trust_remote_code, allow_bin=cfg.allow_bin)
 
 
 def run_extend(cfg: ExtendConfig, out: Path, resume: bool = False, force: bool = False,
                console: Console | None = None) -> Path:
     """Run the whole extension; returns the path of `report.md`."""
-    console = console or Console()
-    t0 = time.time()
-    path = resolve(cfg.model)
-    config = load_config(path, cfg.trust_remote_code, cfg.allow_bin)
-    window = original_window(config)
+    window = original_window(load_config(resolve(cfg.model), cfg.trust_remote_code, cfg.allow_bin))
     if cfg.target == 0:
         cfg = cfg.model_copy(update={"target": 16 * window})
     if cfg.train_length == 0:
         cfg = cfg.model_copy(update={"train_length": min(cfg.target, max(window, int(0.3 * cfg.target)))})
     cfg.check(window)
-    prepare_out(out, cfg, resume, force)
-    device = resolve_device(cfg.train.device)
-    cache = out / "cache"
-    console.print(f"[bold]extend[/] {path} → window {window:,} → {cfg.target:,} ({cfg.method} rope, "
-                  f"{cfg.positions} positions, rows of {cfg.train_length:,} tokens, {cfg.train.steps} steps)")
-    base_model, tokenizer = load(path, device, cfg.trust_remote_code, cfg.allow_bin)
-    with Progress(console=console) as progress:
-        base = _eval_cached(out / "base", lambda: evaluate(base_model, tokenizer, cfg.eval, window, cfg.target,
-                                                           cache, progress))
-    base_model = None  # free it before loading the model to extend
-
-    new_config = load_config(path, cfg.trust_remote_code, cfg.allow_bin)
-    rope = apply_rope(new_config, cfg.method, cfg.target, cfg.rope_theta)
-    console.print(f"rope: {json.dumps(rope)}")
-    model, _ = load(path, device, cfg.trust_remote_code, cfg.allow_bin, config=new_config)
-    if cfg.train.steps > 0:
-        stream = embedded_token_stream(tokenizer, "train", cache)
-        rows = RowMixer(tokenizer, stream, name="extend", seed=cfg.seed, length=cfg.train_length,
-                        batch=cfg.train.batch_size, mix=cfg.mix, positions=cfg.positions, target=cfg.target,
-                        contiguous_share=cfg.contiguous_share)
-        resume_train = resume and latest_checkpoint(out) is not None
-        if cfg.lora_rank:
-            model = with_lora(model, cfg.lora_rank, cfg.lora_train_embeddings_norms)
-        model = train_stage(model, rows, cfg.train, out, resume=resume_train, name="extend")
-        if cfg.lora_rank:
-            model = model.merge_and_unload()  # a plain model again: the output needs no peft
-    save(model, tokenizer, out / "model")
-    with torch.no_grad(), Progress(console=console) as progress:
-        ext = _eval_cached(out / "extended", lambda: evaluate(model, tokenizer, cfg.eval, window, cfg.target,
-                                                              cache, progress))
-    minutes = (time.time() - t0) / 60
-    with (out / "metrics.jsonl").open("a") as log:
-        log.write(json.dumps({"eval": "base", **base.summary()}) + "\n")
-        log.write(json.dumps({"eval": "extended", **ext.summary(), "wall_minutes": round(minutes, 2)}) + "\n")
-    header = [f"- model: `{cfg.model}` (window {window:,}) → target {cfg.target:,}",
-              f"- rope: `{json.dumps(rope)}`",
-              f"- training: {cfg.train.steps} steps × {cfg.train.batch_size} rows × {cfg.train_length:,} tokens, "
-              f"positions `{cfg.positions}`, lr {cfg.train.lr}",
-              f"- wall time: {minutes:.1f} min on {device}",
-              "- re-run: `ctxstretch extend --config config.yaml --out DIR`"]
-    report = write_report(out, "ctxstretch extend", header, {"base": base, "extended": ext}, window,
-                          checks=target_checks(base, ext, window, cfg.target))
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    shutil.rmtree(cache, ignore_errors=True)
-    console.print(f"[green]done[/] in {minutes:.1f} min: {report}")
-    return report
-
-
-def with_lora(model, rank: int, train_embeddings_norms: bool):
-    """Wrap `model` with peft LoRA adapters on every attention and MLP projection (Hu et al., 2021); optionally
-    make embeddings and norms trainable too (LongLoRA, Chen et al., 2023, §3.3)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ConfigError("lora_rank needs peft: pip install 'ctxstretch[peft]'") from None
-    targets = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-                      if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"})
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
-    if train_embeddings_norms:
-        for name, p in model.named_parameters():
-            if "embed_tokens" in name or "norm" in name:
-                p.requires_grad_(True)
-    return model
+    return run_pipeline(as_pipeline(cfg), out, resume=resume, force=force, console=console,
+                        saved_config=cfg.model_dump(mode="json"), title="ctxstretch extend",
+                        checks=lambda r, w, t: target_checks(r["base"], r["extended"], w, t))
 
 
 def target_checks(base: EvalResult, ext: EvalResult, window: int, target: int) -> list[tuple[str, bool, str]]:

@@ -1,0 +1,179 @@
+"""`ctxstretch compare`: run several recipes on one model under one stated budget and put their claims side by side
+(`compare.md`, plus the combined `report.md`/`report.html` with heatmaps and loss curves).
+
+Every recipe gets the same main-stage budget (optimizer steps × rows per step); its other stages scale with it.
+The base model is evaluated once and shared. Each recipe runs in `OUT/RECIPE/` and is skipped when finished, so a
+killed comparison resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .eval.report import write_report
+from .eval.suite import EvalResult
+from .models import load_config, resolve
+from .recipes import expand, recipe_params
+from .recipes.pipeline import run_pipeline
+from .rope import original_window
+
+
+@dataclass
+class Outcome:
+    """What one recipe run cost and reached."""
+
+    name: str
+    result: EvalResult
+    stage_results: dict[str, EvalResult]
+    tokens: int
+    wall_s: float  # stages only (training, data building, merging); evaluation excluded
+    flops: float
+
+    def at(self, kind: str, length: int, result: EvalResult | None = None) -> float | None:
+        grid = getattr(result or self.result, kind)
+        return None if grid is None else grid.by_length().get(length)
+
+
+def train_flops(config, tokens: int, length: int) -> float:
+    """Training FLOPs for `tokens` tokens in rows of `length`: 6·N per token for the weights plus
+    6·layers·length·hidden per token for attention scores and values (Kaplan et al., 2020, Table 1, ×3 for the
+    backward pass); N = non-embedding parameters."""
+    d, layers = config.hidden_size, config.num_hidden_layers
+    inter = getattr(config, "intermediate_size", 4 * d)
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    per_layer = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * inter
+    return 6.0 * tokens * (layers * per_layer + layers * length * d)
+
+
+def run_compare(names: list[str], out: Path, *, model: str = "embedded", target: int = 0, steps: int | None = None,
+                batch_size: int | None = None, overrides: dict | None = None, console: Console | None = None) -> Path:
+    """Run each recipe (skipping finished ones) and write compare.md; returns its path."""
+    console = console or Console()
+    for n in names:  # unknown names fail before anything runs, with a did-you-mean
+        recipe_params({"recipe": n}, "--recipes")
+    settings = {"model": model, "target": target, **({"steps": steps} if steps is not None else {}),
+                **({"batch_size": batch_size} if batch_size is not None else {}), **(overrides or {})}
+    params = [recipe_params({"recipe": n, **settings}, "--recipes") for n in names]
+    path = resolve(model)
+    config = load_config(path)
+    window = original_window(config)
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    for p in params:
+        pipeline = expand(p, window)
+        run = out / p.recipe
+        finished = (run / "extended" / "eval.json").exists()
+        if not finished:
+            run_pipeline(pipeline, run, resume=run.exists(), console=console, base_eval=out / "base",
+                         title=f"ctxstretch compare: {p.recipe}")
+        outcomes.append(outcome(p.recipe, run, config))
+    resolved = expand(params[0], window).resolved(window)
+    base = EvalResult.load(out / "base")
+    return write_compare(out, outcomes, base, window, resolved.target, settings, console)
+
+
+def outcome(name: str, run: Path, config) -> Outcome:
+    """Read a finished run directory back."""
+    summaries = [json.loads(p.read_text()) for p in sorted((run / "stages").glob("*/done.json"))]
+    evaluated = sorted(d.parent.parent for d in (run / "stages").glob("*/eval/eval.json"))
+    stage_results = {d.name: EvalResult.load(d / "eval") for d in evaluated}
+    tokens = sum(s.get("tokens", 0) for s in summaries)
+    flops = sum(train_flops(config, s["tokens"], s["train_length"]) for s in summaries if s.get("tokens"))
+    return Outcome(name, EvalResult.load(run / "extended"), stage_results, tokens,
+                   sum(s.get("wall_s", 0.0) for s in summaries), flops)
+
+
+def claims(outs: dict[str, Outcome], base: EvalResult, window: int, target: int) -> list[tuple[str, bool, str]]:
+    """The recipes' published claims, checked on what was measured (only for recipes that were run)."""
+    checks = []
+    lr, full = outs.get("longrecipe"), outs.get("full")
+    if lr and full:
+        f = full.at("passkey", target) or 0.0
+        for label, res in (("merged", None), ("before replay/merge", lr.stage_results.get("extend"))):
+            mine = lr.at("passkey", target, res) or 0.0
+            ratio = mine / f if f else float("inf") if mine else 1.0
+            time_ratio = lr.wall_s / full.wall_s if full.wall_s else 0.0
+            checks.append((f"LongRecipe ({label}) reaches ≥ 95% of full-length passkey @ {target:,} in ≤ 35% of its "
+                           "wall time", ratio >= 0.95 and time_ratio <= 0.35,
+                           f"{mine:.0%} vs {f:.0%} ({ratio:.0%}); time {time_ratio:.0%}"))
+    abf, pi = outs.get("full"), outs.get("pi")
+    far = _far_bucket(base, target)
+    if abf and pi and far:
+        a, b = abf.result.buckets[far], pi.result.buckets[far]
+        checks.append((f"ABF beats PI on loss at positions {far} (same continual-pretraining budget)", a < b,
+                       f"ABF {a:.3f} vs PI {b:.3f}"))
+    sky = outs.get("longskywork")
+    if sky and "sft" in sky.stage_results:
+        before, after = sky.at("needle", target, sky.stage_results["sft"]), sky.at("needle", target)
+        if before is not None and after is not None:
+            checks.append((f"the SynL long-SFT stage raises needle @ {target:,} of the SFT model", after > before,
+                           f"{before:.0%} → {after:.0%}"))
+    return checks
+
+
+def _far_bucket(r: EvalResult, target: int) -> str | None:
+    return next((k for k in r.buckets if k.endswith(f"-{target}")), None)
+
+
+def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int, target: int, settings: dict,
+                  console: Console) -> Path:
+    """compare.md: one row per recipe (and per evaluated intermediate stage), the claims, and the plots."""
+    far, near = _far_bucket(base, target), f"0-{window}"
+    results = {"base": base}
+    for o in outs:
+        results.update({f"{o.name}/{s}": r for s, r in o.stage_results.items()})
+        results[o.name] = o.result
+    write_report(out, "ctxstretch compare", [f"- settings: `{json.dumps(settings)}`"], results, window)
+    head = ["recipe", f"passkey @ {target:,}", f"needle @ {target:,}", f"loss {far}", f"Δ loss {near} vs base",
+            "tokens trained", "est. FLOPs", "wall (min)"]
+    rows = [["base", _pct(base.passkey.by_length().get(target)), _pct(_needle(base, target)),
+             _num(base.buckets.get(far)), "", "0", "0", "0"]]
+    for o in outs:
+        for label, r in [*((f"{o.name} (after {s})", r) for s, r in o.stage_results.items()), (o.name, o.result)]:
+            final = r is o.result
+            rows.append([label, _pct(r.passkey.by_length().get(target)), _pct(_needle(r, target)),
+                         _num(r.buckets.get(far)), _delta(r.buckets.get(near), base.buckets.get(near)),
+                         f"{o.tokens:,}" if final else "", f"{o.flops:.2e}" if final else "",
+                         f"{o.wall_s / 60:.1f}" if final else ""])
+    checks = claims({o.name: o for o in outs}, base, window, target)
+    lines = ["# ctxstretch compare", "",
+             f"Model `{settings.get('model', 'embedded')}` (window {window:,}) → target {target:,}; settings "
+             f"`{json.dumps(settings)}`. Wall time counts the recipe's stages (training, data building, merging), "
+             "not evaluation. FLOPs: 6·N + 6·layers·row·hidden per trained token.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             *["| " + " | ".join(r) + " |" for r in rows], ""]
+    if checks:
+        lines += ["## Claims", "", "| claim | measured | reproduced |", "|---|---|---|",
+                  *[f"| {c} | {m} | {'yes' if ok else '**no**'} |" for c, ok, m in checks], ""]
+    lines += ["## Plots", "", "![needle](needle.png)", "", "![passkey](passkey.png)", "",
+              "![loss by position](loss_by_position.png)", "", "All models side by side: [report.md](report.md).", ""]
+    path = out / "compare.md"
+    path.write_text("\n".join(lines))
+    table = Table(*head, title="compare")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    return path
+
+
+def _needle(r: EvalResult, n: int) -> float | None:
+    return None if r.needle is None else r.needle.by_length().get(n)
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0%}"
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _delta(x: float | None, ref: float | None) -> str:
+    return "–" if x is None or ref is None else f"{x - ref:+.3f}"
+

@@ -1,0 +1,31 @@
+"""The baselines every recipe is compared with, under the same interface and budget:
+`full` (ABF + training on full-length rows), `pose` (Zhu et al., 2023) and `randpos` (Ruoss et al., 2023) position
+transforms at 0.3·L, `pi` (Chen et al., 2023) and `yarn` (Peng et al., 2023) rope with full-length training, and
+`pi-free` / `yarn-free`: the same rope changes with no training at all."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from .base import RecipeParams
+from .pipeline import DataConfig, PipelineConfig, RopeConfig, StageConfig
+
+ROPES = {"full": "abf", "pose": "abf", "randpos": "abf", "pi": "pi", "yarn": "yarn", "pi-free": "pi",
+         "yarn-free": "yarn"}
+POSITIONS = {"pose": "pose", "randpos": "randpos"}
+
+
+class BaselineParams(RecipeParams):
+    length_fraction: float = Field(0.3, gt=0, le=1, description="row length as a share of the target (pose/randpos)")
+
+
+def pipeline(p: BaselineParams, window: int) -> PipelineConfig:
+    name = p.recipe
+    stages = []
+    if not name.endswith("-free"):
+        positions = POSITIONS.get(name, "full")
+        stages.append(StageConfig(name="train", positions=positions, data=DataConfig(mix=p.mix), train=p.train(),
+                                  length_fraction=p.length_fraction if positions != "full" else 1.0,
+                                  lora_rank=p.lora_rank))
+    return PipelineConfig(name=name, description=f"baseline: {name}", rope=RopeConfig(method=ROPES[name]),
+                          stages=stages, **p.common())

@@ -1,0 +1,86 @@
+"""A pipeline stage's data: its text stream, its row mixer, and the data-building stages (`ctxstretch data`
+builders run into the run directory)."""
+
+from __future__ import annotations
+
+import inspect
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..data.mix import DatasetRows, RowMixer
+from ..data.sources import embedded_token_stream, tokenize_documents
+
+if TYPE_CHECKING:
+    from .pipeline import StageConfig
+
+BUILDERS = ("synl", "selfinstruct", "probes", "cip", "pack")
+
+
+def text_stream(sources: list[str], tokenizer, cache: Path, text_field: str = "text") -> np.ndarray:
+    """The stage's text sources tokenised into one flat array, documents separated by EOS (cached per run)."""
+    from ..data.readers import read_documents
+
+    parts = []
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    for src in sources:
+        if src == "embedded":
+            parts.append(embedded_token_stream(tokenizer, "train", cache))
+            continue
+        key = zlib.crc32(f"{Path(src).resolve()}:{text_field}:{len(tokenizer)}".encode())
+        path = cache / f"text-{key:08x}.npy"
+        if path.exists():
+            parts.append(np.load(path, allow_pickle=False))
+            continue
+        arr = tokenize_documents(tokenizer, (d.text for d in read_documents(src, text_field=text_field)), eos)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, arr, allow_pickle=False)
+        parts.append(arr)
+    return np.concatenate([p.astype(np.int64) for p in parts]) if len(parts) > 1 else parts[0]
+
+
+def stage_rows(stage: StageConfig, tokenizer, cache: Path, seed: int, dataset_dir: Path | None) -> RowMixer:
+    """The row function (`index → batch`) of a training stage."""
+    d = stage.data
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    dataset = DatasetRows(str(dataset_dir), stage.train_length, pad) if dataset_dir else None
+    select = impactful_selector(tokenizer, d.scorer, cache) if d.select == "impactful" else None
+    return RowMixer(
+        tokenizer, text_stream(d.text, tokenizer, cache, d.text_field), name=stage.name, seed=seed,
+        length=stage.train_length, batch=stage.train.batch_size, mix={k: v for k, v in d.mix.items() if v > 0},
+        positions=stage.positions, target=stage.target, contiguous_share=stage.contiguous_share,
+        long_threshold=d.long_threshold, long_weight=d.long_weight, cip_k=d.cip_k, cip_chunk=d.cip_chunk,
+        dataset=dataset, select=select)
+
+
+def impactful_selector(tokenizer, scorer: str | None, cache: Path):
+    """LongRecipe §4.1: `select(rng, window, n)` keeps the sentences of `window` that hold impactful tokens and
+    returns the first `n` tokens of what is left (positions are then computed on the kept text, §4.2)."""
+    from ..data.impactful import impactful_rows, load_scorer
+
+    score = load_scorer(scorer) if scorer else None
+
+    def select(rng: np.random.Generator, window: np.ndarray, n: int) -> np.ndarray:
+        row = next(impactful_rows(tokenizer, [window], n, rng, scorer=score), None)
+        return row if row is not None else window[:n]  # too few impactful sentences: keep the text as it is
+
+    return select
+
+
+def build_stage_data(kind: str, args: dict, out: Path, *, tokenizer_source: str, length: int, seed: int) -> str:
+    """Run the `ctxstretch data <kind>` builder into `out` (replacing a half-built one); returns a short summary."""
+    from ..data import datasets as builders
+
+    fn = getattr(builders, f"build_{kind}")
+    params = inspect.signature(fn).parameters
+    kwargs = {"model": tokenizer_source, "seed": seed, "force": True, **args}
+    if "lengths" in params and "lengths" not in args:
+        kwargs["lengths"] = [length]
+    if "length" in params and "length" not in args:
+        kwargs["length"] = length
+    if "srcs" in params and "srcs" not in args:
+        kwargs["srcs"] = ["embedded"]
+    written = fn(out=out, **kwargs)
+    return f"{getattr(written, 'rows', '?')} rows"
