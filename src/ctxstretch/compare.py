@@ -18,6 +18,7 @@ from rich.table import Table
 from .eval.report import write_report
 from .eval.suite import EvalResult
 from .models import load_config, resolve
+from .plan import Shape, flops_per_token, read_shape
 from .recipes import expand, recipe_params
 from .recipes.pipeline import run_pipeline
 from .rope import original_window
@@ -39,18 +40,6 @@ class Outcome:
         return None if grid is None else grid.by_length().get(length)
 
 
-def train_flops(config, tokens: int, length: int) -> float:
-    """Training FLOPs for `tokens` tokens in rows of `length`: 6·N per token for the weights plus
-    6·layers·length·hidden per token for attention scores and values (Kaplan et al., 2020, Table 1, ×3 for the
-    backward pass); N = non-embedding parameters."""
-    d, layers = config.hidden_size, config.num_hidden_layers
-    inter = getattr(config, "intermediate_size", 4 * d)
-    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
-    per_layer = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * inter
-    return 6.0 * tokens * (layers * per_layer + layers * length * d)
-
-
 def run_compare(names: list[str], out: Path, *, model: str = "embedded", target: int = 0, steps: int | None = None,
                 batch_size: int | None = None, overrides: dict | None = None, console: Console | None = None) -> Path:
     """Run each recipe (skipping finished ones) and write compare.md; returns its path."""
@@ -61,8 +50,7 @@ def run_compare(names: list[str], out: Path, *, model: str = "embedded", target:
                 **({"batch_size": batch_size} if batch_size is not None else {}), **(overrides or {})}
     params = [recipe_params({"recipe": n, **settings}, "--recipes") for n in names]
     path = resolve(model)
-    config = load_config(path)
-    window = original_window(config)
+    window = original_window(load_config(path))
     out.mkdir(parents=True, exist_ok=True)
     outcomes = []
     for p in params:
@@ -72,19 +60,19 @@ def run_compare(names: list[str], out: Path, *, model: str = "embedded", target:
         if not finished:
             run_pipeline(pipeline, run, resume=run.exists(), console=console, base_eval=out / "base",
                          title=f"ctxstretch compare: {p.recipe}")
-        outcomes.append(outcome(p.recipe, run, config))
+        outcomes.append(outcome(p.recipe, run, read_shape(path)))
     resolved = expand(params[0], window).resolved(window)
     base = EvalResult.load(out / "base")
     return write_compare(out, outcomes, base, window, resolved.target, settings, console)
 
 
-def outcome(name: str, run: Path, config) -> Outcome:
+def outcome(name: str, run: Path, shape: Shape) -> Outcome:
     """Read a finished run directory back."""
     summaries = [json.loads(p.read_text()) for p in sorted((run / "stages").glob("*/done.json"))]
     evaluated = sorted(d.parent.parent for d in (run / "stages").glob("*/eval/eval.json"))
     stage_results = {d.name: EvalResult.load(d / "eval") for d in evaluated}
     tokens = sum(s.get("tokens", 0) for s in summaries)
-    flops = sum(train_flops(config, s["tokens"], s["train_length"]) for s in summaries if s.get("tokens"))
+    flops = sum(s["tokens"] * flops_per_token(shape, s["train_length"]) for s in summaries if s.get("tokens"))
     return Outcome(name, EvalResult.load(run / "extended"), stage_results, tokens,
                    sum(s.get("wall_s", 0.0) for s in summaries), flops)
 
@@ -145,7 +133,7 @@ def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int,
     lines = ["# ctxstretch compare", "",
              f"Model `{settings.get('model', 'embedded')}` (window {window:,}) → target {target:,}; settings "
              f"`{json.dumps(settings)}`. Wall time counts the recipe's stages (training, data building, merging), "
-             "not evaluation. FLOPs: 6·N + 6·layers·row·hidden per trained token.", "",
+             "not evaluation. FLOPs per trained token: 6·N + 12·layers·row·heads·head_dim (`ctxstretch plan`).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              *["| " + " | ".join(r) + " |" for r in rows], ""]
     if checks:

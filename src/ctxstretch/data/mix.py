@@ -14,6 +14,7 @@ Row kinds (all rows are `length` tokens):
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,11 +54,14 @@ class DatasetRows:
     """Rows of a `ctxstretch data` output directory (an Arrow dataset with input_ids/labels/position_ids/
     segment_ids), memory-mapped; row lengths must not exceed the training row length."""
 
-    def __init__(self, path: str, length: int, pad_id: int):
+    def __init__(self, path: str, length: int, pad_id: int, tokenizer=None):
         import datasets
 
+        from .datasets import check_dataset_tokenizer
         from .readers import DataError
 
+        if tokenizer is not None:  # refuses rows built by another tokenizer, or longer than the stage's rows
+            check_dataset_tokenizer(Path(path), tokenizer, length)
         try:
             self.ds = datasets.load_from_disk(path).with_format("numpy")
         except (FileNotFoundError, ValueError) as e:
@@ -66,10 +70,8 @@ class DatasetRows:
         missing = {"input_ids", "labels"} - set(self.ds.column_names)
         if missing:
             raise DataError(f"{path}: the dataset lacks the columns {sorted(missing)}; build it with `ctxstretch data`")
-        longest = max(len(r) for r in self.ds.data.column("input_ids").to_pylist()[:1000])
-        if longest > length:
-            raise DataError(f"{path}: rows of {longest} tokens exceed the stage's row length {length}; "
-                            f"set the stage's train_length to ≥ {longest}")
+        if len(self.ds) == 0:
+            raise DataError(f"{path}: the dataset has no rows; rebuild it with more input")
         self.length, self.pad_id = length, pad_id
 
     def __len__(self) -> int:
@@ -81,6 +83,11 @@ class DatasetRows:
         seg = np.asarray(row.get("segment_ids", np.zeros_like(ids)), np.int64)
         pos = np.asarray(row.get("position_ids", np.arange(len(ids))), np.int64)
         pad = self.length - len(ids)
+        if pad < 0:
+            from .readers import DataError
+
+            raise DataError(f"a dataset row of {len(ids):,} tokens exceeds the stage's rows of {self.length:,}; "
+                            "raise the stage's train_length or rebuild the dataset shorter")
         if pad:
             ids = np.concatenate([ids, np.full(pad, self.pad_id, np.int64)])
             labels = np.concatenate([labels, np.full(pad, IGNORE, np.int64)])

@@ -45,8 +45,8 @@ def stage_rows(stage: StageConfig, tokenizer, cache: Path, seed: int, dataset_di
     """The row function (`index → batch`) of a training stage."""
     d = stage.data
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    dataset = DatasetRows(str(dataset_dir), stage.train_length, pad) if dataset_dir else None
-    select = impactful_selector(tokenizer, d.scorer, cache) if d.select == "impactful" else None
+    dataset = DatasetRows(str(dataset_dir), stage.train_length, pad, tokenizer) if dataset_dir else None
+    select = impactful_selector(tokenizer, d.scorer) if d.select == "impactful" else None
     return RowMixer(
         tokenizer, text_stream(d.text, tokenizer, cache, d.text_field), name=stage.name, seed=seed,
         length=stage.train_length, batch=stage.train.batch_size, mix={k: v for k, v in d.mix.items() if v > 0},
@@ -55,15 +55,21 @@ def stage_rows(stage: StageConfig, tokenizer, cache: Path, seed: int, dataset_di
         dataset=dataset, select=select)
 
 
-def impactful_selector(tokenizer, scorer: str | None, cache: Path):
+def impactful_selector(tokenizer, scorer: str | None, device: str = "cpu"):
     """LongRecipe §4.1: `select(rng, window, n)` keeps the sentences of `window` that hold impactful tokens and
-    returns the first `n` tokens of what is left (positions are then computed on the kept text, §4.2)."""
-    from ..data.impactful import impactful_rows, load_scorer
+    returns the first `n` tokens of what is left (positions are then computed on the kept text, §4.2). Tokens are
+    scored by `scorer` (a model directory: full against truncated context) or, without one, by the digit
+    heuristic."""
+    from ..data.impactful import LogprobDelta, digit_vocab, impactful_rows
+    from ..data.sentences import BoundaryVocab
+    from ..models import load, resolve
 
-    score = load_scorer(scorer) if scorer else None
+    score = LogprobDelta(load(resolve(scorer), device)[0]) if scorer else None
+    boundaries, digits = BoundaryVocab.from_tokenizer(tokenizer), digit_vocab(tokenizer)
 
     def select(rng: np.random.Generator, window: np.ndarray, n: int) -> np.ndarray:
-        row = next(impactful_rows(tokenizer, [window], n, rng, scorer=score), None)
+        row = next(impactful_rows(tokenizer, [window], n, rng, scorer=score, boundaries=boundaries, digits=digits),
+                   None)
         return row if row is not None else window[:n]  # too few impactful sentences: keep the text as it is
 
     return select

@@ -1,0 +1,149 @@
+"""Recipes as pipelines: presets expand, bad recipe files are refused up front, stages resume, merge, compare."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from ctxstretch.cli import app
+from ctxstretch.config import ConfigError
+from ctxstretch.recipes import RECIPES, pipeline_from, read_spec
+from ctxstretch.recipes.pipeline import PipelineConfig, run_pipeline
+from ctxstretch.train.merge import linear_merge
+
+from .conftest import micro_llama
+
+runner = CliRunner()
+TINY_EVAL = {"lengths": [128, 512], "depths": [0.5], "trials": 1, "loss_rows": 1}
+
+
+@pytest.fixture
+def micro128(tmp_path, tokenizer):
+    """A random micro Llama with a 128-token window (long enough for the probes)."""
+    path = tmp_path / "micro128"
+    model = micro_llama(tokenizer, window=128)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_has_a_preset_that_expands(name):
+    data, where = read_spec(name)
+    pipe = pipeline_from(data, where, lambda model: 256).resolved(256)
+    assert pipe.target == 4096 and pipe.name == name
+    trained = [s for s in pipe.stages if s.kind == "train"]
+    assert bool(trained) == (not name.endswith("-free"))
+    for s in trained:  # every row fits the stage's window and every stage reaches at most the target
+        assert 0 < s.train_length <= s.target <= pipe.target
+    if name in ("longrecipe", "pose", "randpos"):
+        assert trained[0].train_length == int(0.3 * 4096) and trained[0].positions != "full"
+    if name == "longrecipe":
+        assert [s.kind for s in pipe.stages] == ["train", "train", "merge"]
+        assert pipe.stages[1].train.min_lr_ratio == 0.0  # replay decays to zero
+
+
+def test_llama2_long_curriculum_shares_one_budget():
+    data = {"recipe": "llama2-long", "steps": 90, "curriculum": [0.25, 0.5]}
+    pipe = pipeline_from(data, "x", lambda model: 256).resolved(256)
+    cpt = [s for s in pipe.stages if s.name.startswith("cpt")]
+    assert [s.target for s in cpt] == [1024, 2048, 4096]
+    assert sum(s.train.steps for s in cpt) == 90
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"recipe": "longrecpe"}, "did you mean 'longrecipe'"),
+    ({"recipe": "longrecipe", "stpes": 3}, "did you mean 'steps'"),
+    ({"recipe": "longrecipe", "lr": 0}, "field 'lr'"),
+    ({"stages": [{"name": "a", "train_length": 9000}]}, "train_length 9000 exceeds"),
+    ({"stages": [{"name": "a", "data": {"mix": {"dataset": 1}, "dataset": "@nope"}}]}, "names no earlier build stage"),
+    ({"stages": [{"name": "a", "data": {"mix": {"txt": 1}}}]}, "unknown: txt"),
+    ({"stages": [{"name": "a"}, {"name": "a"}]}, "two stages are named 'a'"),
+    ({"target": 100, "stages": [{"name": "a"}]}, "must be larger than the model's window"),
+    ({"model": "embedded"}, "give either 'recipe: NAME'"),
+])
+def test_bad_recipe_files_are_refused_before_anything_runs(tmp_path, data, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_unknown_preset_name_suggests_the_nearest():
+    with pytest.raises(ConfigError, match="did you mean 'longskywork'"):
+        read_spec("longskywrk")
+
+
+def test_linear_merge_interpolates_every_parameter(tokenizer):
+    a, b = micro_llama(tokenizer), micro_llama(tokenizer)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    linear_merge(a, b, 0.25)
+    for name, p in a.named_parameters():
+        assert torch.allclose(p, before[name] + 0.25, atol=1e-6), name
+    with pytest.raises(ConfigError, match="must lie in"):
+        linear_merge(a, b, 1.5)
+
+
+@pytest.mark.slow
+def test_pipeline_stages_resume_and_output_loads_plainly(tmp_path, micro128, monkeypatch):
+    """A run killed in its second stage resumes without redoing the first; every stage leaves a loadable model."""
+    from transformers import AutoModelForCausalLM
+
+    from ctxstretch.recipes import pipeline as pipeline_mod
+
+    cfg = PipelineConfig.model_validate({
+        "model": str(micro128), "target": 512, "rope": {"method": "yarn"}, "eval": TINY_EVAL,
+        "stages": [{"name": "long", "positions": "longrecipe", "length_fraction": 0.3,
+                    "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "warmup_steps": 0}},
+                   {"name": "merge", "merge": {"weight": 0.5}}]})
+    out = tmp_path / "run"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(pipeline_mod, "linear_merge", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_pipeline(cfg, out)
+    first = out / "stages" / "long" / "model" / "model.safetensors"
+    stamp = first.stat().st_mtime_ns
+    assert not (out / "stages" / "merge" / "done.json").exists()
+    monkeypatch.undo()
+    run_pipeline(cfg, out, resume=True)
+    assert first.stat().st_mtime_ns == stamp, "a finished stage is not redone"
+    for d in (out / "stages" / "long" / "model", out / "stages" / "merge" / "model", out / "model"):
+        model = AutoModelForCausalLM.from_pretrained(d)
+        assert model.config.rope_parameters["rope_type"] == "yarn"
+        assert model.config.max_position_embeddings == 512
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("stage") == "long" and "step" in r] == [3]
+    assert {r.get("eval") for r in records} >= {"base", "extended"}
+
+
+@pytest.mark.slow
+def test_compare_writes_the_table_and_the_claims(tmp_path, micro128):
+    from ctxstretch.compare import run_compare
+
+    out = tmp_path / "cmp"
+    path = run_compare(["longrecipe", "full", "pi", "yarn-free"], out, model=str(micro128), target=512, steps=2,
+                       batch_size=2, overrides={"eval": TINY_EVAL, "warmup_steps": 0})
+    text = path.read_text()
+    for row in ("| base |", "| longrecipe |", "| longrecipe (after extend) |", "| full |", "| pi |",
+                "| yarn-free |", "## Claims", "ABF beats PI"):
+        assert row in text, row
+    assert (out / "report.html").exists() and (out / "needle.png").exists()
+    assert len(list(out.glob("*/model/model.safetensors"))) == 4
+    # the full-length rows cost more tokens than the 0.3·L rows under the same step budget
+    cells = [r.split("|") for r in text.split("## Claims")[0].splitlines() if r.startswith("| ")]
+    tokens = {c[1].strip(): c[6].strip() for c in cells}
+    assert tokens["full"] == "2,048"  # 2 steps × 2 rows × 512
+    assert 0 < int(tokens["longrecipe"].replace(",", "")) < 2048
