@@ -23,7 +23,9 @@ import numpy as np  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from ctxstretch.data.cip import iter_cip_rows  # noqa: E402
+from ctxstretch.data.impactful import digit_vocab, impactful_rows  # noqa: E402
 from ctxstretch.data.packing import iter_packed, tokenize_batches  # noqa: E402
+from ctxstretch.data.sentences import BoundaryVocab  # noqa: E402
 from ctxstretch.data.sources import embedded_documents  # noqa: E402
 from ctxstretch.tiny import MODEL_DIR  # noqa: E402
 
@@ -93,6 +95,17 @@ def main() -> None:
                      ("tokenise: transformers tokenizer(texts)", hf_call)):
         cpu, wall = measure(fn, args.repeats)
         rows.append((f"{name} ({len(texts)} docs, {sum(map(len, texts)) / 1e6:.1f} MB)", n_text, cpu, wall))
+
+    text_ids = list(tokenize_batches(tok, texts, eos_id=tok.eos_token_id))
+    boundaries, digits = BoundaryVocab.from_tokenizer(tok), digit_vocab(tok)
+
+    def impactful() -> int:
+        rows = impactful_rows(tok, text_ids, 4096, np.random.default_rng(0), boundaries=boundaries, digits=digits)
+        return sum(len(r) for r in rows)
+
+    cpu, wall = measure(impactful, args.repeats)
+    rows.append((f"impactful heuristic (digit sentences + 50%), rows of 4,096 ({len(texts)} docs)", n_text, cpu,
+                 wall))
 
     print(f"\nctxstretch data benchmark — {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, numpy {np.__version__}; best of {args.repeats}\n")

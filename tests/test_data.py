@@ -33,6 +33,12 @@ from tests.conftest import micro_llama
 FAST = settings(max_examples=60, deadline=None)
 
 
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path_factory, monkeypatch):
+    """The token cache goes to a temporary folder, never the user's."""
+    monkeypatch.setenv("CTXSTRETCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 # ------------------------------------------------------------------------------------------------------ readers
 @pytest.fixture
 def messy(tmp_path):

@@ -81,3 +81,27 @@ def test_stopping_rule_ends_the_stage_and_a_resume_does_not_continue_it(tmp_path
     train_stage(micro_llama(tokenizer), r, c, tmp_path, resume=True, eval_fn=evaluate,
                 stop_when=lambda rec: rec["score"] >= 4)
     assert calls == [2, 4], "a stage that met its stopping rule is not trained further on resume"
+
+
+@pytest.mark.parametrize("option, package", [({"attn_implementation": "flash_attention_2"}, "flash_attn"),
+                                             ({"fused_loss": "liger"}, "liger_kernel")])
+def test_gpu_extras_refuse_clearly_when_missing(tmp_path, tokenizer, option, package):
+    import importlib.util
+
+    from ctxstretch.config import ConfigError
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(ConfigError, match="pip install"):
+        train_stage(micro_llama(tokenizer), rows(tokenizer), cfg(**option), tmp_path)
+
+
+def test_varlen_positions_must_restart_exactly_at_document_starts():
+    from ctxstretch.config import UserError
+    from ctxstretch.train.loop import _check_varlen_positions
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    _check_varlen_positions(seg, torch.tensor([[0, 1, 2, 0, 1, 0]]))
+    _check_varlen_positions(seg, torch.tensor([[0, 5, 90, 0, 7, 0]]))  # gaps inside a document are fine
+    with pytest.raises(UserError):
+        _check_varlen_positions(seg, torch.tensor([[0, 1, 2, 3, 4, 0]]))  # a document that never restarts

@@ -6,7 +6,7 @@ import pytest
 
 from ctxstretch.data.probes import IGNORE, ProbeBuilder, rng_for
 from ctxstretch.data.ruler import TASKS, RulerBuilder
-from ctxstretch.eval.passkey import score_examples
+from ctxstretch.eval.ruler import ruler_scores
 from tests.test_probes import Oracle
 
 
@@ -48,11 +48,15 @@ def test_each_task_has_exact_length_and_a_correct_answer(tokenizer, ruler, task,
         assert items == expected
 
 
-def test_oracles(tokenizer, ruler):
-    rng = np.random.default_rng(0)
-    exs = [ruler.make(t, rng, 400) for t in TASKS]
-    assert score_examples(Oracle(len(tokenizer)), exs, batch_size=len(exs)).all()
-    assert not score_examples(Oracle(len(tokenizer), wrong=True), exs).any()
+@pytest.mark.parametrize("task", TASKS)
+def test_oracle_scores_all_and_anti_oracles_none(tokenizer, ruler, task):
+    """Through the real scoring path (`ruler_scores`): right everywhere → 100%; wrong everywhere, or only on the
+    answer's last token → 0%."""
+    vocab, lengths = len(tokenizer), [300, 600]
+    right = ruler_scores(Oracle(vocab), ruler, lengths, (task,), trials=3, batch_size=2)
+    assert right == {task: {300: 1.0, 600: 1.0}}
+    for anti in (Oracle(vocab, wrong=True), Oracle(vocab, wrong_last=True)):
+        assert ruler_scores(anti, ruler, lengths, (task,), trials=3) == {task: {300: 0.0, 600: 0.0}}
 
 
 def test_unknown_task(ruler):

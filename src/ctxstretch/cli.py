@@ -9,7 +9,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from .atomic import disk_full
 from .cli_data import data_app
 from .config import ConfigError, UserError, check_out_dir
 
@@ -26,7 +28,12 @@ def _guarded(fn: Callable[[], object]) -> None:
     try:
         fn()
     except (UserError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except OSError as e:  # a full disk met outside the atomic writers (which raise DiskFullError themselves)
+        if (err := disk_full(e, e.filename)) is None:
+            raise
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: resume with --resume")
@@ -97,22 +104,37 @@ def eval_cmd(
     lengths: Annotated[str | None, typer.Option(help="comma-separated lengths, e.g. 256,1k,4k")] = None,
     trials: Annotated[int, typer.Option(help="probes per (length, depth) cell")] = 4,
     ruler: Annotated[str | None, typer.Option(help="RULER-style tasks: 'all' or a comma list")] = None,
+    short_rows: Annotated[int, typer.Option(help="held-out rows of the model's window for the short-context loss "
+                                            "(0: skip)")] = 16,
+    short_text: Annotated[str, typer.Option(help="held-out short text: 'embedded' or a file/folder")] = "embedded",
+    lm_eval_tasks: Annotated[str | None, typer.Option(help="lm-evaluation-harness tasks, e.g. hellaswag,arc_easy "
+                                                      "(needs the [lmeval] extra)")] = None,
+    lm_eval_limit: Annotated[int | None, typer.Option(help="examples per lm-eval task")] = None,
+    backend: Annotated[str, typer.Option(help="transformers, or vllm (GPU; needs vllm installed)")] = "transformers",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code")] = False,
 ) -> None:
-    """Passkey and needle grids, loss by position and optional RULER-style tasks for any local model."""
+    """Passkey and needle grids, loss by position, short-context regression and optional RULER-style tasks for any
+    local model."""
 
     def go() -> None:
         import shutil
 
+        from .config import parse
         from .data.ruler import TASKS
+        from .eval.backend import check_backend
         from .eval.report import write_report
+        from .eval.short import require_lm_eval
         from .eval.suite import EvalConfig, doublings, evaluate
         from .models import load, load_config, resolve
         from .rope import original_window
         from .train.loop import resolve_device
 
+        lm_tasks = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+        check_backend(backend)  # missing extras fail in the first second
+        if lm_tasks:
+            require_lm_eval()
         if trials < 1:
             raise ConfigError(f"--trials {trials} must be ≥ 1")
         tasks = list(TASKS) if ruler == "all" else [t.strip() for t in (ruler or "").split(",") if t.strip()]
@@ -122,14 +144,16 @@ def eval_cmd(
         path = resolve(model)
         window = original_window(load_config(path, trust_remote_code))
         lens = _ints(lengths) or doublings(max(64, window // 4), max(window * 2, 512))
+        cfg = parse(EvalConfig, {"lengths": lens, "trials": trials, "ruler": tasks, "short_rows": short_rows,
+                                 "short_text": short_text, "lm_eval_tasks": lm_tasks, "lm_eval_limit": lm_eval_limit},
+                    "command line")
         check_out_dir(out, force)
         shutil.rmtree(out, ignore_errors=True)
         m, tok = load(path, resolve_device(device), trust_remote_code)
         from rich.progress import Progress
 
         with Progress(console=console) as progress:
-            res = evaluate(m, tok, EvalConfig(lengths=lens, trials=trials, ruler=tasks), window, max(lens), None,
-                           progress)
+            res = evaluate(m, tok, cfg, window, max(lens), None, progress)
         res.save(out)
         report = write_report(out, f"ctxstretch eval: {model}", [f"- window {window:,}; lengths {lens}"],
                               {Path(model).name or "model": res}, window)
@@ -185,6 +209,84 @@ def report(
     _guarded(go)
 
 
+def _window_of(model: str) -> int:
+    from .models import load_config, resolve
+    from .rope import original_window
+
+    return original_window(load_config(resolve(model)))
+
+
+@app.command()
+def train(
+    recipe: Annotated[str | None, typer.Argument(help="a recipe YAML file, or a preset name (see --list)")] = None,
+    out: Annotated[Path, typer.Option(help="run directory to create")] = Path("runs/train"),
+    model: Annotated[str | None, typer.Option(help="override the recipe's model")] = None,
+    target: Annotated[int | None, typer.Option(help="override the target window")] = None,
+    steps: Annotated[int | None, typer.Option(help="override the main stage's steps (recipes only)")] = None,
+    show: Annotated[bool, typer.Option(help="print the expanded pipeline YAML and exit")] = False,
+    list_presets: Annotated[bool, typer.Option("--list", help="list the shipped recipe presets")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
+    force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
+) -> None:
+    """Run a multi-stage recipe (train, build data, merge); every stage leaves a plain HF model directory."""
+
+    def go() -> None:
+        import yaml
+
+        from .recipes import PRESETS, pipeline_from, read_spec
+        from .recipes.pipeline import run_pipeline
+
+        if list_presets:
+            for p in sorted(PRESETS.glob("*.yaml")):
+                first = next((ln for ln in p.read_text().splitlines() if ln.startswith("#")), "#")
+                typer.echo(f"{p.stem:14s} {first.lstrip('# ')}")
+            return
+        if recipe is None:
+            raise ConfigError("give a recipe YAML file or a preset name (ctxstretch train --list)")
+        if resume and force:
+            raise ConfigError("--resume and --force conflict; pick one")
+        data, where = read_spec(recipe)
+        pipeline = pipeline_from(data, where, _window_of, model=model, target=target, steps=steps)
+        if show:
+            resolved = pipeline.resolved(_window_of(pipeline.model))
+            typer.echo(yaml.safe_dump(resolved.model_dump(mode="json", exclude_defaults=True), sort_keys=False,
+                                     allow_unicode=True))
+            return
+        run_pipeline(pipeline, out, resume=resume, force=force, console=console)
+
+    _guarded(go)
+
+
+@app.command()
+def compare(
+    recipes: Annotated[str, typer.Option(help="comma-separated recipe names")] = "longrecipe,full,pose",
+    out: Annotated[Path, typer.Option(help="directory for every run and compare.md")] = Path("runs/compare"),
+    model: Annotated[str, typer.Option(help="local HF model directory, or 'embedded'")] = "embedded",
+    target: Annotated[int, typer.Option(help="target window (0: 16x the model's window)")] = 0,
+    steps: Annotated[int | None, typer.Option(help="main-stage steps for every recipe (the shared budget)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="rows per step for every recipe")] = None,
+    lengths: Annotated[str | None, typer.Option(help="evaluation lengths, e.g. 2k,4k,8k (default: doublings)")] = None,
+    trials: Annotated[int | None, typer.Option(help="probes per (length, depth) cell")] = None,
+    loss_rows: Annotated[int | None, typer.Option(help="held-out rows for loss by position")] = None,
+) -> None:
+    """Run several recipes under one budget; write compare.md (+ report.md/html with every model side by side)."""
+
+    def go() -> None:
+        from .compare import run_compare
+
+        names = [n.strip() for n in recipes.split(",") if n.strip()]
+        if not names:
+            raise ConfigError("--recipes: give at least one recipe name")
+        evals = {"lengths": _ints(lengths) or None, "trials": trials, "loss_rows": loss_rows}
+        evals = {k: v for k, v in evals.items() if v is not None}
+        overrides = {"eval": evals} if evals else None
+        path = run_compare(names, out, model=model, target=target, steps=steps, batch_size=batch_size,
+                           overrides=overrides, console=console)
+        console.print(f"[green]done[/]: {path}")
+
+    _guarded(go)
+
+
 @tiny_app.command("build")
 def tiny_build(
     work: Annotated[Path, typer.Option(help="work directory (checkpoints; resumable)")] = Path(".cache/tiny-build"),
@@ -200,6 +302,10 @@ def tiny_build(
 
     _guarded(go)
 
+
+from .cli_plan import register as _register_plan  # noqa: E402  (needs _guarded)
+
+_register_plan(app, _guarded, console)
 
 if __name__ == "__main__":
     app()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,6 +38,14 @@ def check_out_dir(out, force: bool) -> None:
     """Refuse an existing, non-empty output path unless `force` (the caller then replaces it)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConfigError(f"{out} already exists; pass --force to overwrite it")
+    check_writable(out)
+
+
+def check_writable(out) -> None:
+    """Refuse an output path that cannot be created: its nearest existing ancestor is a file or not writable."""
+    parent = out if out.is_dir() else next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{out}: cannot create it ({parent} is not a writable folder); choose another --out")
 
 
 class TrainConfig(Strict):
@@ -59,6 +68,11 @@ class TrainConfig(Strict):
     eval_every: int = Field(0, ge=0, description="call the stage's evaluation hook every N steps (0: never)")
     seed: int = 0
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+    attn_implementation: str | None = Field(None, pattern="^(sdpa|eager|flash_attention_2)$",
+                                            description="attention kernel for training (None: the model's own)")
+    fused_loss: str = Field("none", pattern="^(none|liger)$",
+                            description="liger: liger-kernel fused linear cross-entropy (no full logits; GPU)")
+    torch_compile: bool = Field(False, description="torch.compile the model for training")
 
 
 def parse(model: type[BaseModel], data: dict[str, Any], where: str) -> BaseModel:
@@ -70,4 +84,7 @@ def parse(model: type[BaseModel], data: dict[str, Any], where: str) -> BaseModel
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigError):  # our own message (e.g. an unknown key with its did-you-mean)
+            raise ConfigError(f"{where}: {cause}" if field == "(root)" else f"{where}: in '{field}': {cause}") from None
         raise ConfigError(f"{where}: field '{field}': {err['msg']}") from None

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from .atomic import writing  # noqa: E402
 from .config import UserError  # noqa: E402
 from .rope import current_rope  # noqa: E402
 from .tiny import MODEL_DIR  # noqa: E402
@@ -94,11 +95,12 @@ def save(model, tokenizer, out: Path) -> Path:
     """Write a plain HF directory (safetensors) atomically: to `out.tmp`, then renamed."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(tmp)
+    with writing(tmp, out):  # a failed write leaves no `out.tmp` (config.json without weights) behind
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

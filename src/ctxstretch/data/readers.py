@@ -28,6 +28,10 @@ ARROW_SUFFIXES = frozenset({".arrow", ".feather"})
 _SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".venv", "node_modules"})
 _BATCH_ROWS = 1024  # records per Arrow batch read
 _KEEP_EXAMPLES = 100  # bad records remembered individually; the rest are only counted
+# one document (a text file, a JSONL line) at most this big: ~8M tokens, 8x the longest context trained, and a
+# bound on the memory one record takes (a 100 MB line would need gigabytes to tokenise)
+MAX_DOCUMENT_BYTES = 32 << 20
+_TOO_BIG_FIX = "split the document into smaller records"
 
 
 class DataError(UserError):
@@ -82,7 +86,15 @@ def _line_of(data: bytes, offset: int) -> int:
 
 def read_text_file(path: Path, bad: BadRecords, source: str) -> Iterator[Document]:
     """One document per file (UTF-8). Binary files (a NUL byte), undecodable bytes and empty files are bad records."""
+    size = path.stat().st_size
+    if size > MAX_DOCUMENT_BYTES:
+        bad.add(path, 1, f"file of {size >> 20} MiB is over the {MAX_DOCUMENT_BYTES >> 20} MiB limit per document",
+                _TOO_BIG_FIX)
+        return
     data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a byte-order mark: UTF-16/32 text, not binary
+        bad.add(path, 1, "UTF-16 or UTF-32 text (byte-order mark)", "re-encode the file as UTF-8")
+        return
     nul = data.find(b"\0")
     if nul >= 0:
         bad.add(path, _line_of(data, nul), "binary file (NUL byte)", "remove it from the sources")
@@ -102,7 +114,12 @@ def read_text_file(path: Path, bad: BadRecords, source: str) -> Iterator[Documen
 def read_jsonl(path: Path, bad: BadRecords, source: str, text_field: str = "text") -> Iterator[Document]:
     """One document per line: the string in `text_field`. Blank lines are not records and are passed over."""
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_DOCUMENT_BYTES + 1), b""), 1):
+            if len(raw) > MAX_DOCUMENT_BYTES and not raw.endswith(b"\n"):
+                bad.add(path, lineno, f"line longer than {MAX_DOCUMENT_BYTES >> 20} MiB", _TOO_BIG_FIX)
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):  # skip the rest of it
+                    pass
+                continue
             if not raw.strip():
                 continue
             try:
@@ -114,7 +131,8 @@ def read_jsonl(path: Path, bad: BadRecords, source: str, text_field: str = "text
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                bad.add(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})", "fix or remove the line")
+                bad.add(path, lineno, f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})",
+                        "fix or remove the line")
                 continue
             if not isinstance(record, dict) or text_field not in record:
                 keys = ", ".join(sorted(record)[:8]) if isinstance(record, dict) else type(record).__name__

@@ -113,3 +113,33 @@ class RulerBuilder:
         counts = Counter(vocab[i] for i in draws)
         return self._word_list(rng, length, counts,
                                "\nWhat are the 3 most frequent words above? Answer: they are", top)
+
+
+PROBE_KINDS = ("passkey", "needle", *TASKS)
+
+
+def probe_examples(builder: RulerBuilder, kinds: list[str], lengths: list[int], depths: list[float], count: int,
+                   seed: int = 0, evaluation: bool = False):
+    """Yield (kind, length, depth, Example): `count` probes per (kind, length, depth) for passkey/needle and per
+    (kind, length) for RULER tasks (their needles sit at random depths; depth reported as -1). The random streams
+    are those of `ctxstretch eval` (`rng_for` with the same purposes), drawn from the training range unless
+    `evaluation`, so training data never repeats an evaluation item."""
+    from .probes import EVAL_SEED_OFFSET, rng_for
+
+    if not 0 <= seed < EVAL_SEED_OFFSET:
+        raise ValueError(f"seed {seed} must be in [0, 2**40): larger seeds overlap the evaluation range")
+    unknown = [k for k in kinds if k not in PROBE_KINDS]
+    if unknown:
+        raise ValueError(f"unknown probe kinds {', '.join(unknown)}; choose from {', '.join(PROBE_KINDS)}")
+    for kind in kinds:
+        for n in lengths:
+            if kind in ("passkey", "needle"):
+                make = builder.p.passkey if kind == "passkey" else builder.p.needle
+                for d in depths:
+                    rng = rng_for(f"{kind}-{n}-{d}", seed, evaluation)  # the purpose eval/passkey.py uses
+                    for _ in range(count):
+                        yield kind, n, float(d), make(rng, n, d)
+            else:
+                rng = rng_for(f"ruler-{kind}-{n}", seed, evaluation)  # the purpose eval/ruler.py uses
+                for _ in range(count):
+                    yield kind, n, -1.0, builder.make(kind, rng, n)

@@ -6,6 +6,7 @@ forward pass: greedy decoding emits the answer exactly iff the argmax at every a
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,21 +16,35 @@ from rich.progress import Progress
 from ..data.probes import IGNORE, Example, ProbeBuilder, rng_for
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether `model.forward` names `logits_to_keep` (every transformers causal LM does; remote code may not).
+    Models that do not get the full logits, of which only the tail is read."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 @torch.no_grad()
 def score_examples(model, examples: list[Example], batch_size: int = 4) -> np.ndarray:
-    """Exact-match (greedy) correctness of each probe, shape (len(examples),). Probes in a batch share a length."""
+    """Exact-match (greedy) correctness of each probe, shape (len(examples),). Probes in a batch share a length.
+
+    The answer is the labelled tail, so only the last `k` positions need logits (`logits_to_keep`): the LM head
+    over a (batch, length, vocab) tensor would otherwise cost as much as a layer. Results stay on the device until
+    the end, so the next batch is built while an accelerator still runs the previous one."""
     device = next(model.parameters()).device
-    out = np.zeros(len(examples), dtype=bool)
+    keep_kw = _accepts_logits_to_keep(model)
+    oks = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        ids = torch.tensor(np.stack([e.input_ids for e in chunk]), device=device)
-        labels = torch.tensor(np.stack([e.labels for e in chunk]), device=device)
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        ids = torch.from_numpy(np.stack([e.input_ids for e in chunk])).to(device, torch.long)
+        labels = np.stack([e.labels for e in chunk])
+        # k positions: the one before the answer's first token, through the last one
+        k = labels.shape[1] - int(np.argmax((labels != IGNORE).any(0))) + 1
+        k = min(k, labels.shape[1])
+        kw = {"logits_to_keep": k} if keep_kw else {}
+        logits = model(input_ids=ids, use_cache=False, **kw).logits[:, -k:]
         pred = logits[:, :-1].argmax(-1)
-        target = labels[:, 1:]
-        ok = ((pred == target) | (target == IGNORE)).all(1)
-        out[i : i + len(chunk)] = ok.cpu().numpy()
-    return out
+        target = torch.from_numpy(labels[:, labels.shape[1] - k + 1 :]).to(device)
+        oks.append(((pred == target) | (target == IGNORE)).all(1))
+    return torch.cat(oks).cpu().numpy() if oks else np.zeros(0, dtype=bool)
 
 
 @dataclass
@@ -67,10 +82,12 @@ def retrieval_grid(
     acc = np.zeros((len(depths), len(lengths)))
     task = progress.add_task(f"{kind} grid", total=len(lengths) * len(depths)) if progress else None
     for j, n in enumerate(lengths):
-        for i, d in enumerate(depths):
+        # every depth of one length in one call: fuller batches, one device sync per length
+        examples = []
+        for d in depths:
             rng = rng_for(f"{kind}-{n}-{d}", seed, evaluation=True)
-            examples = [make(rng, n, d) for _ in range(trials)]
-            acc[i, j] = score_examples(model, examples, batch_size).mean()
-            if progress is not None:
-                progress.advance(task)
+            examples += [make(rng, n, d) for _ in range(trials)]
+        acc[:, j] = score_examples(model, examples, batch_size).reshape(len(depths), trials).mean(1)
+        if progress is not None:
+            progress.advance(task, len(depths))
     return Grid(kind, list(lengths), list(depths), acc, trials)

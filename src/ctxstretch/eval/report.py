@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def write_report(out: Path, title: str, header: list[str], results: dict[str, Ev
         loss_curves(curves, out / "loss_by_position.png", window)
         plots.append("![loss by position](loss_by_position.png)")
     lines = [f"# {title}", "", *header, "", "## Before / after", "", *comparison_table(results), ""]
+    lines += short_context_section(results)
     lines += ruler_section(results)
     lines += power_law_section(results, window)
     if checks:
@@ -62,6 +64,51 @@ def write_report(out: Path, title: str, header: list[str], results: dict[str, Ev
     _atomic_write(path, "\n".join(lines))
     _atomic_write(out / "report.html", markdown_to_html(lines, out, title))
     return path
+
+
+def short_context_section(results: dict[str, EvalResult]) -> list[str]:
+    """What extension cost: held-out loss on rows of the base window (and lm-eval metrics), one column per model,
+    each with its change against the first model's column."""
+    if all(r.short is None and not r.lm_eval for r in results.values()):
+        return []
+    names = list(results)
+    ref = results[names[0]]
+
+    def row(label: str, get, fmt: str, lower_is_better: bool) -> str:
+        base = get(ref)
+        cells = []
+        for i, r in enumerate(results.values()):
+            v = get(r)
+            if v is None:
+                cells.append("–")
+            elif i == 0 or base is None:
+                cells.append(format(v, fmt))
+            else:
+                d = v - base
+                worse = d > 0 if lower_is_better else d < 0
+                cells.append(f"{v:{fmt}} ({d:+{fmt}}{', **worse**' if worse and abs(d) > 1e-9 else ''})")
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def short(key):
+        return lambda r: None if r.short is None else r.short.get(key)
+
+    lines = ["## Short-context regression (what extension cost)", "",
+             f"Held-out text the models' own window holds; in brackets the change against `{names[0]}`.", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    if any(r.short is not None for r in results.values()):
+        lengths = {r.short["length"] for r in results.values() if r.short is not None}
+        label = f"{lengths.pop():,} tokens" if len(lengths) == 1 else "own window"
+        lines.append(row(f"held-out loss, rows of {label} (nats/token)", short("loss"), ".3f", True))
+        lines.append(row("perplexity", lambda r: None if r.short is None else math.exp(r.short["loss"]), ".2f",
+                         True))
+        lines.append("| tokens scored | " + " | ".join("–" if r.short is None else f"{r.short['tokens']:,}"
+                                                       for r in results.values()) + " |")
+    metrics = sorted({(t, m) for r in results.values() for t, per in (r.lm_eval or {}).items() for m in per})
+    for task, metric in metrics:
+        lines.append(row(f"{task} {metric} (lm-eval)",
+                         lambda r, t=task, m=metric: (r.lm_eval or {}).get(t, {}).get(m), ".3f",
+                         "perplexity" in metric or metric in ("bits_per_byte", "loss")))
+    return [*lines, ""]
 
 
 def ruler_section(results: dict[str, EvalResult]) -> list[str]:

@@ -13,16 +13,19 @@ from .passkey import score_examples
 def ruler_scores(model, builder: RulerBuilder, lengths: list[int], tasks: tuple[str, ...] = TASKS, trials: int = 4,
                  seed: int = 0, batch_size: int = 2, progress: Progress | None = None) -> dict[str, dict[int, float]]:
     """Accuracy per task and length (evaluation seeds only)."""
-    scores: dict[str, dict[int, float]] = {}
+    scores: dict[str, dict[int, float]] = {task: {} for task in tasks}
     task_bar = progress.add_task("RULER", total=len(tasks) * len(lengths)) if progress else None
-    for task in tasks:
-        scores[task] = {}
-        for n in lengths:
+    for n in lengths:
+        # every task of one length in one call: fuller batches, one device sync per length
+        examples = []
+        for task in tasks:
             rng = rng_for(f"ruler-{task}-{n}", seed, evaluation=True)
-            examples = [builder.make(task, rng, n) for _ in range(trials)]
-            scores[task][n] = float(score_examples(model, examples, batch_size).mean())
-            if progress is not None:
-                progress.advance(task_bar)
+            examples += [builder.make(task, rng, n) for _ in range(trials)]
+        ok = score_examples(model, examples, batch_size).reshape(len(tasks), trials).mean(1)
+        for task, acc in zip(tasks, ok, strict=True):
+            scores[task][n] = float(acc)
+        if progress is not None:
+            progress.advance(task_bar, len(tasks))
     return scores
 
 

@@ -1,6 +1,7 @@
-"""The evaluation every model gets: passkey and needle grids over lengths × depths, and loss by position on
-held-out text. Works on any local model; the held-out text is the embedded corpus' held-out split tokenised with
-that model's tokenizer."""
+"""The evaluation every model gets: passkey and needle grids over lengths × depths, loss by position on held-out
+text, and the short-context regression (loss on rows of the base window; optional lm-evaluation-harness tasks).
+Works on any local model; the held-out text is the embedded corpus' held-out split tokenised with that model's
+tokenizer (or, for the short-context loss, a user source)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..data.sources import embedded_token_stream
 from .passkey import Grid, retrieval_grid
 from .perplexity import default_buckets, loss_by_bucket, token_losses
 from .ruler import ruler_scores
+from .short import require_lm_eval, run_lm_eval, short_context_loss, short_text_stream
 
 
 class EvalConfig(Strict):
@@ -30,6 +32,12 @@ class EvalConfig(Strict):
     needle: bool = True
     ruler: list[str] = Field(default_factory=list, description="RULER-style tasks to score (see data/ruler.py)")
     loss_rows: int = Field(8, ge=0, description="held-out rows for loss by position (0: skip)")
+    short_rows: int = Field(16, ge=0, description="held-out rows of the base window for the short-context loss "
+                            "(0: skip)")
+    short_text: str = Field("embedded", description="held-out short text: 'embedded' or a file/folder/dataset")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks (needs the "
+                                     "[lmeval] extra); empty: none")
+    lm_eval_limit: int | None = Field(None, ge=1, description="examples per lm-eval task (None: all)")
     batch_size: int = Field(2, ge=1)
     seed: int = 0
 
@@ -53,6 +61,8 @@ class EvalResult:
     buckets: dict[str, float]
     window: int = 0  # the evaluated model's original window, for plots and fits
     ruler: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> length -> accuracy
+    short: dict | None = None  # short-context loss: {"length", "rows", "tokens", "loss", "source"}
+    lm_eval: dict[str, dict[str, float]] | None = None  # lm-eval task -> metric -> value
 
     def summary(self) -> dict:
         s = {"passkey": self.passkey.by_length(), "loss_by_position": self.buckets}
@@ -60,13 +70,18 @@ class EvalResult:
             s["needle"] = self.needle.by_length()
         if self.ruler:
             s["ruler"] = self.ruler
+        if self.short is not None:
+            s["short_context"] = self.short
+        if self.lm_eval is not None:
+            s["lm_eval"] = self.lm_eval
         return s
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         data = {"passkey": self.passkey.to_json(), "needle": self.needle.to_json() if self.needle else None,
                 "loss_by_position": self.buckets, "window": self.window,
-                "ruler": {t: {str(n): a for n, a in per.items()} for t, per in self.ruler.items()}}
+                "ruler": {t: {str(n): a for n, a in per.items()} for t, per in self.ruler.items()},
+                "short_context": self.short, "lm_eval": self.lm_eval}
         (directory / "eval.json").write_text(json.dumps(data, indent=1))
         if self.losses is not None:
             np.save(directory / "token_losses.npy", self.losses.astype(np.float32), allow_pickle=False)
@@ -82,13 +97,19 @@ class EvalResult:
         losses = np.load(lp, allow_pickle=False) if lp.exists() else None
         ruler = {t: {int(n): a for n, a in per.items()} for t, per in data.get("ruler", {}).items()}
         return cls(grid(data["passkey"]), grid(data["needle"]), losses, data["loss_by_position"],
-                   data.get("window", 0), ruler)
+                   data.get("window", 0), ruler, data.get("short_context"), data.get("lm_eval"))
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, cache_dir: Path | None = None,
              progress: Progress | None = None) -> EvalResult:
-    """Run the grids and the loss-by-position sweep on `model` (already on its device, in eval mode)."""
+    """Run the grids, the loss-by-position sweep and the short-context regression on `model` (already on its
+    device, in eval mode)."""
+    if cfg.lm_eval_tasks:
+        require_lm_eval()  # fail in the first second, not after the grids
     heldout = embedded_token_stream(tokenizer, "heldout", cache_dir)
+    short_stream = heldout
+    if cfg.short_rows and cfg.short_text != "embedded":
+        short_stream = short_text_stream(tokenizer, cfg.short_text)  # read first: a bad path fails before the grids
     builder = ProbeBuilder(tokenizer, heldout)
     lengths = cfg.lengths or doublings(base_window, target)
     kw = dict(trials=cfg.trials, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
@@ -103,4 +124,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
     if cfg.ruler:
         ruler = ruler_scores(model, RulerBuilder(builder), lengths, tuple(cfg.ruler), trials=cfg.trials,
                              seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
-    return EvalResult(passkey, needle, losses, buckets, base_window, ruler)
+    short = None
+    if cfg.short_rows:
+        short = short_context_loss(model, short_stream, base_window, cfg.short_rows, cfg.batch_size, cfg.short_text)
+    lm = run_lm_eval(model, tokenizer, cfg.lm_eval_tasks, cfg.lm_eval_limit) if cfg.lm_eval_tasks else None
+    return EvalResult(passkey, needle, losses, buckets, base_window, ruler, short, lm)

@@ -1,7 +1,7 @@
 """The baselines every recipe is compared with, under the same interface and budget:
 `full` (ABF + training on full-length rows), `pose` (Zhu et al., 2023) and `randpos` (Ruoss et al., 2023) position
 transforms at 0.3·L, `pi` (Chen et al., 2023) and `yarn` (Peng et al., 2023) rope with full-length training, and
-`pi-free` / `yarn-free`: the same rope changes with no training at all."""
+`pi-free` / `ntk-free` / `yarn-free`: rope changes (linear, dynamic NTK, YaRN) with no training at all."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .base import RecipeParams
 from .pipeline import DataConfig, PipelineConfig, RopeConfig, StageConfig
 
 ROPES = {"full": "abf", "pose": "abf", "randpos": "abf", "pi": "pi", "yarn": "yarn", "pi-free": "pi",
-         "yarn-free": "yarn"}
+         "ntk-free": "ntk", "yarn-free": "yarn"}
 POSITIONS = {"pose": "pose", "randpos": "randpos"}
 
 

@@ -4,32 +4,54 @@ optional gradient checkpointing, rows carrying `position_ids`, atomic checkpoint
 Rows come from `batch_fn(index)`, a pure function of the micro-batch index returning tensors
 `input_ids`, `labels`, `position_ids`, `segment_ids`, all (B, T). Because the data order is a function of the step,
 a resumed run sees exactly the rows an uninterrupted one would.
+
+Distributed (`accelerate launch` with the configs in `train/accelerate/`): every process builds the same global
+batch and trains on its block of rows (and, with context parallelism, its slice of each row); the loss is written
+as per-token weights over the global batch, so N processes take the same optimizer steps as one. Only the main
+process writes metrics and replicated checkpoints; sharded engines (FSDP, ZeRO-3) add per-rank shards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, broadcast_object_list
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
-from ..config import TrainConfig
+from ..atomic import writing
+from ..config import ConfigError, TrainConfig, UserError
 from ..data.probes import IGNORE
 from ..masking import mask_for_model
 
 Batch = dict[str, torch.Tensor]
 BatchFn = Callable[[int], Batch]
 EvalFn = Callable[[torch.nn.Module, int], dict[str, float]]
+
+
+ACCELERATE_DIR = Path(__file__).parent / "accelerate"
+
+
+def accelerate_config(name: str) -> Path:
+    """Path of a shipped `accelerate launch --config_file` (ddp, fsdp2, fsdp2_cp, deepspeed_zero3, …)."""
+    names = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
+    path = ACCELERATE_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no accelerate config '{name}'; choose from {', '.join(names)}")
+    return path
 
 
 def row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -83,6 +105,11 @@ def resolve_device(choice: str) -> str:
     return choice
 
 
+def _sharded(accelerator: Accelerator) -> bool:
+    """True when each process holds only a shard of the weights/optimizer (FSDP, DeepSpeed ZeRO)."""
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted((run_dir / "checkpoints").glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     return ckpts[-1] if ckpts else None
@@ -93,19 +120,36 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig,
-                     stopped: bool = False, elapsed_s: float = 0.0) -> None:
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, model, optimizer, scheduler,
+                     cfg: TrainConfig, stopped: bool = False, elapsed_s: float = 0.0) -> None:
+    """Write `checkpoints/step-N` atomically (a temporary directory renamed by the main process).
+
+    Replicated training (one process, DDP) lets the main process write weights and optimizer state alone. Sharded
+    engines (FSDP, DeepSpeed ZeRO) hold each rank's share of the state, so every rank writes its shard with
+    `accelerator.save_state` and the main process adds the gathered full weights."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(plain_state_dict(model), tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
-                                                "stopped": stopped, "elapsed_s": round(elapsed_s, 1)}))
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if _sharded(accelerator):
+        accelerator.save_state(str(tmp / "sharded"))
+        weights = accelerator.get_state_dict(model)  # a collective: every rank takes part
+    else:
+        weights = accelerator.unwrap_model(model).state_dict() if main else None
+    if main:
+        with writing(tmp, final):  # a failed write (full disk) leaves the last good checkpoint the latest
+            save_file({k: v.detach().contiguous().clone() for k, v in weights.items()}, tmp / "model.safetensors")
+            if not _sharded(accelerator):
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
+                                                        "stopped": stopped, "elapsed_s": round(elapsed_s, 1)}))
+            os.replace(tmp, final)
+        for old in sorted(root.glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def checkpoint_state(ckpt: Path) -> dict:
@@ -114,11 +158,13 @@ def checkpoint_state(ckpt: Path) -> dict:
 
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, bool, float]:
-    """Restore model, optimizer and schedule; return (step, stopped early there, training seconds so far)."""
-    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    """Restore model, optimizer and schedule of a replicated run (before `prepare`); return (step, stopped early
+    there, training seconds so far). Sharded checkpoints restore their engine state after `prepare`."""
     state = checkpoint_state(ckpt)
     scheduler.load_state_dict(state["scheduler"])
+    if (ckpt / "optimizer.pt").exists():
+        model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     return int(state["step"]), bool(state.get("stopped", False)), float(state.get("elapsed_s", 0.0))
 
 
@@ -128,6 +174,146 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one global batch (B, T) is spread over the processes.
+
+    Rows are split over the `dp` data-parallel ranks (this process takes block `dp_rank`); with context
+    parallelism each row is further split along T over `cp` ranks by accelerate. Gradients are averaged over all
+    `world` processes (DDP, FSDP over dp_shard×cp, ZeRO)."""
+
+    dp_rank: int = 0
+    dp: int = 1
+    cp: int = 1
+    world: int = 1
+
+
+def layout_of(accelerator: Accelerator) -> Layout:
+    pc = accelerator.parallelism_config
+    if pc is None:
+        return Layout(accelerator.process_index, accelerator.num_processes, 1, accelerator.num_processes)
+    if pc.tp_enabled or pc.sp_enabled:
+        raise ConfigError("train_stage supports data parallelism (DDP/FSDP/ZeRO) and context parallelism (cp_size); "
+                          "tensor and DeepSpeed sequence parallelism (tp_size/sp_size) are not wired in")
+    rank, size = 0, 1
+    if pc.dp_dim_names:
+        dp_mesh = accelerator.torch_device_mesh["dp"]
+        rank, size = dp_mesh.get_local_rank(), dp_mesh.size()
+    return Layout(rank, size, pc.cp_size if pc.cp_enabled else 1, accelerator.num_processes)
+
+
+def token_weights(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shifted labels, weights), both (B, T), for the loss of one *global* batch.
+
+    shifted[:, t] is the token predicted at position t (IGNORE at the end); weights[r, t] = 1 / (n_r · R), n_r the
+    labelled tokens of row r and R the rows with any label, so Σ weights · token loss equals `row_mean_loss`.
+    Computed before the batch is split over ranks (rows) and context-parallel ranks (tokens), each rank's weighted
+    sum is its exact share of the global loss."""
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], 1)
+    mask = shifted != IGNORE
+    count = mask.sum(1, keepdim=True)
+    rows = int((count > 0).sum())
+    return shifted, mask / (count.clamp(min=1) * max(rows, 1))
+
+
+def weighted_loss(logits: torch.Tensor, shifted: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ weights · cross-entropy; logits (B, T, V) predict `shifted` (B, T) position by position."""
+    tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE,
+                          reduction="none")
+    return (tok.view(shifted.shape) * weights).sum()
+
+
+def local_batch(batch: Batch, lay: Layout, device) -> Batch:
+    """This process's rows of a global batch, with `shift_labels` and loss `weights` (see `token_weights`)."""
+    rows = batch["input_ids"].shape[0]
+    if rows % lay.dp:
+        raise ConfigError(f"batch_size {rows} is not divisible by the {lay.dp} data-parallel processes; the global "
+                          "batch must split evenly (pick batch_size as a multiple of the process count)")
+    shifted, weights = token_weights(batch["labels"])
+    per = rows // lay.dp
+    part = slice(lay.dp_rank * per, (lay.dp_rank + 1) * per)
+    out = {k: v[part].to(device) for k, v in batch.items()}
+    out["shift_labels"], out["weights"] = shifted[part].to(device), weights[part].to(device)
+    return out
+
+
+def _check_varlen_positions(segment_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+    """flash-attention-2 cuts a packed row where its positions return to 0; that must be exactly where documents
+    start, or documents would leak into each other (or a position gap would be cut)."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    if not torch.equal(starts, position_ids == 0):
+        raise UserError("attn_implementation flash_attention_2: rows must restart position_ids at 0 exactly where a "
+                        "document starts (flash-attention splits packed rows there); use sdpa for these rows")
+
+
+def _prepare_extras(model: torch.nn.Module, cfg: TrainConfig, lay: Layout) -> None:
+    """Optional one-GPU extras, each refusing clearly when its package is missing."""
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("attn_implementation flash_attention_2 needs the flash-attn package (CUDA only): "
+                          "pip install flash-attn --no-build-isolation; or use sdpa")
+    if cfg.attn_implementation and cfg.attn_implementation != getattr(model.config, "_attn_implementation", None):
+        model.set_attn_implementation(cfg.attn_implementation)
+    if cfg.fused_loss == "liger":
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("fused_loss liger needs liger-kernel (CUDA/Triton): pip install liger-kernel; "
+                              "or set fused_loss: none")
+        if lay.cp > 1:
+            raise ConfigError("fused_loss liger with context parallelism is not supported; set fused_loss: none")
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model, rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
+                                        fused_linear_cross_entropy=True)
+    if cfg.torch_compile:
+        model.compile()  # in place: parameter names (and checkpoints) stay the same
+
+
+def _micro_step(accelerator: Accelerator, model, base, b: Batch, cfg: TrainConfig, lay: Layout) -> float:
+    """Forward and backward of this process's share of one micro-batch; returns its (unscaled) share of the loss."""
+    scale = lay.world  # gradients are averaged over `world` processes; the loss shares are sums
+    if lay.cp > 1:
+        if not bool((b["segment_ids"] == b["segment_ids"][:, :1]).all()):
+            raise UserError("context parallelism supports one document per row (plain causal attention); pack "
+                            "rows without cross-document masks, or train without cp_size")
+        keys = ("input_ids", "position_ids", "shift_labels", "weights")
+        bufs = [b[k] for k in keys]
+        with accelerator.maybe_context_parallel(buffers=bufs, buffer_seq_dims=[1] * 4, no_restore_buffers=set(bufs)):
+            ids, pos, shifted, weights = bufs
+            with accelerator.autocast():
+                # an all-ones 2-D mask keeps transformers from reading PoSE gaps in the shards as document starts
+                logits = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids),
+                               use_cache=False).logits
+            loss = weighted_loss(logits, shifted, weights)
+            accelerator.backward(loss * scale)
+        return loss.item()
+    if cfg.attn_implementation == "flash_attention_2":
+        _check_varlen_positions(b["segment_ids"], b["position_ids"])
+        mask = None
+    else:
+        mask = mask_for_model(base, b["segment_ids"])
+    with accelerator.autocast():
+        if cfg.fused_loss == "liger":  # token mean of the local rows; exact when each process holds one row
+            out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=mask,
+                        labels=b["labels"], use_cache=False)
+            loss = out.loss * b["weights"].sum()
+        else:
+            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=mask,
+                           use_cache=False).logits
+            loss = weighted_loss(logits, b["shift_labels"], b["weights"])
+    accelerator.backward(loss * scale)
+    return loss.item()
+
+
+def _deepspeed_fill(accelerator: Accelerator, cfg: TrainConfig, rows_per_process: int) -> None:
+    """DeepSpeed's `auto` entries are normally filled from a prepared DataLoader; we have none."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    conf = accelerator.state.deepspeed_plugin.deepspeed_config
+    conf["train_micro_batch_size_per_gpu"] = rows_per_process
+    conf["gradient_clipping"] = cfg.grad_clip
+    conf.setdefault("zero_force_ds_cpu_optimizer", False)  # our torch AdamW also runs on offloaded states
 
 
 def train_stage(
@@ -142,17 +328,27 @@ def train_stage(
 ) -> torch.nn.Module:
     """Train `model` in place for `cfg.steps` optimizer steps; return it (unwrapped).
 
-    `stop_when(eval_record)` may end the stage early after an evaluation (a curriculum rule such as "until
+    Under `accelerate launch` every process calls this with the same arguments: each builds the global batch
+    `batch_fn(i)` (cfg.batch_size rows) and trains on its share, so N processes follow the single-process loss
+    curve. `stop_when(eval_record)` may end the stage early after an evaluation (a curriculum rule such as "until
     induction has formed"); the stage then checkpoints at that step and returns."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     # accelerate keeps one process-wide state; each stage (a recipe runs several) sets its own precision
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg, device), cpu=device == "cpu")
-    if cfg.gradient_checkpointing:  # transformers ≥ 5.2 renamed it activation checkpointing
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg, device), cpu=device == "cpu",
+                              gradient_accumulation_steps=cfg.grad_accum)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    lay = layout_of(accelerator)
+    fsdp_ckpt = (accelerator.distributed_type == DistributedType.FSDP  # accelerate checkpoints the layers itself
+                 and bool(accelerator.state.fsdp_plugin.activation_checkpointing))
+    if cfg.gradient_checkpointing and not fsdp_ckpt:  # transformers ≥ 5.2 renamed it activation checkpointing
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = False
+    _prepare_extras(model, cfg, lay)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     metrics_path = run_dir / "metrics.jsonl"
@@ -160,36 +356,38 @@ def train_stage(
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         start, stopped, before = _load_checkpoint(ckpt, model, optimizer, scheduler)
-        _truncate_metrics(metrics_path, start)
+        if main:
+            _truncate_metrics(metrics_path, start)
     if stopped:  # the stage had already met its stopping rule
         return model.eval()
+    _deepspeed_fill(accelerator, cfg, max(1, cfg.batch_size // lay.dp))
+    base = model
     model, optimizer = accelerator.prepare(model, optimizer)
+    if ckpt is not None and _sharded(accelerator):
+        accelerator.load_state(str(ckpt / "sharded"))
     model.train()
 
-    tokens, t0, last_loss = 0, time.perf_counter(), float("nan")
+    tokens, t0 = 0, time.perf_counter()
     columns = [TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
-    with Progress(*columns, disable=not accelerator.is_main_process) as progress, metrics_path.open("a") as log:
+    log_file = metrics_path.open("a") if main else contextlib.nullcontext()
+    with Progress(*columns, disable=not main) as progress, log_file as log:
         task = progress.add_task(name, total=cfg.steps, completed=start, info="")
         for step in range(start, cfg.steps):
             total = 0.0
             for micro in range(cfg.grad_accum):
-                batch = {k: v.to(accelerator.device) for k, v in batch_fn(step * cfg.grad_accum + micro).items()}
-                with accelerator.autocast():
-                    logits = model(
-                        input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                        attention_mask=mask_for_model(model, batch["segment_ids"]), use_cache=False,
-                    ).logits
-                loss = row_mean_loss(logits, batch["labels"]) / cfg.grad_accum
-                accelerator.backward(loss)
-                total += loss.item()
+                batch = batch_fn(step * cfg.grad_accum + micro)
                 tokens += batch["input_ids"].numel()
-            if cfg.grad_clip > 0:
+                with accelerator.accumulate(model):
+                    total += _micro_step(accelerator, model, base, local_batch(batch, lay, accelerator.device),
+                                         cfg, lay) / cfg.grad_accum
+            if cfg.grad_clip > 0 and accelerator.distributed_type != DistributedType.DEEPSPEED:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            last_loss = total
+            if accelerator.num_processes > 1:  # each process holds its share of the global loss
+                total = accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum").item()
             done = step + 1
             rate = tokens / max(1e-9, time.perf_counter() - t0)
             progress.update(task, completed=done, info=f"loss {total:.3f}  {rate:,.0f} tok/s")
@@ -206,19 +404,20 @@ def train_stage(
                 model.train()
                 progress.console.print(f"step {done}: " + ", ".join(f"{k} {v}" for k, v in record.items()
                                                                  if k not in ("stage", "step", "eval")))
-            if record:
+            if record and main:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             stop = bool(record) and "eval" in record and stop_when is not None and stop_when(record)
+            if accelerator.num_processes > 1:  # the main process's verdict holds for all
+                stop = bool(broadcast_object_list([stop])[0])
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
-                _save_checkpoint(run_dir, done, accelerator.unwrap_model(model), optimizer, scheduler, cfg, stop,
+                _save_checkpoint(accelerator, run_dir, done, model, optimizer, scheduler, cfg, stop,
                                  before + time.perf_counter() - t0)
             if stop:
                 progress.console.print(f"{name}: stopping rule met at step {done}")
                 break
-    del last_loss
     model = accelerator.unwrap_model(model)
     model.eval()
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and not fsdp_ckpt:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     return model

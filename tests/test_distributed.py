@@ -1,0 +1,162 @@
+"""The distributed path: 2 CPU processes (gloo, started by torchrun) follow the single-process loss curve on
+the same global batch, write checkpoints once, and resume after a crash.
+
+Run as a script, this file is the worker torchrun starts in each process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CRASH_AT = 4  # optimizer step whose rows raise in the "crash" run (after the step-3 checkpoint)
+
+
+def _cfg():
+    from ctxstretch.config import TrainConfig
+
+    return TrainConfig(steps=6, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=2, checkpoint_every=3,
+                       log_every=1, precision="fp32", device="cpu")
+
+
+def _rows(tokenizer):
+    from ctxstretch.data.mix import RowMixer
+
+    stream = np.random.default_rng(0).integers(0, len(tokenizer), 20000).astype(np.uint16)
+    return RowMixer(tokenizer, stream, name="t", seed=0, length=48, batch=4,
+                    mix={"text": 1, "random_copy": 1}, positions="longrecipe", target=256, contiguous_share=0.3)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_weighted_shares_sum_to_the_row_mean_loss(tokenizer):
+    """Each rank's share of the loss (its rows, weighted over the global batch) sums to the single-process loss."""
+    from ctxstretch.train.loop import Layout, local_batch, row_mean_loss, weighted_loss
+    from tests.conftest import micro_llama
+
+    model = micro_llama(tokenizer)
+    batch = _rows(tokenizer)(3)
+    batch["labels"][1] = -100  # a row without labels weighs nothing
+    whole = row_mean_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"]).item()
+    shares = []
+    for rank in range(2):
+        b = local_batch(batch, Layout(dp_rank=rank, dp=2, world=2), "cpu")
+        shares.append(weighted_loss(model(input_ids=b["input_ids"]).logits, b["shift_labels"], b["weights"]).item())
+    assert sum(shares) == pytest.approx(whole, rel=1e-5)
+
+
+def test_an_uneven_split_is_refused(tokenizer):
+    from ctxstretch.config import ConfigError
+    from ctxstretch.train.loop import Layout, local_batch
+
+    with pytest.raises(ConfigError, match="not divisible"):
+        local_batch(_rows(tokenizer)(0), Layout(dp_rank=0, dp=3, world=3), "cpu")
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "fsdp2_cp", "deepspeed_zero3", "deepspeed_zero3_offload"])
+def test_shipped_accelerate_configs_load(name, monkeypatch):
+    """Each shipped config parses with accelerate's own classes and launch validation (the GPU runs are not
+    tested here); the FSDP ones build the plugin (and parallelism config) a launched process would."""
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from ctxstretch.train.loop import accelerate_config
+
+    path = accelerate_config(name)
+    config = load_config_from_file(str(path))
+    assert isinstance(config, ClusterConfig) and config.mixed_precision == "bf16"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    _validate_launch_command(args)
+    if name.startswith("deepspeed"):
+        assert config.distributed_type == DistributedType.DEEPSPEED and args.zero_stage == 3
+        assert args.offload_param_device == ("cpu" if name.endswith("offload") else "none")
+        return
+    if name == "ddp":
+        assert args.multi_gpu and not args.use_fsdp
+        return
+    for key, value in prepare_multi_gpu_env(args).items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True and plugin.activation_checkpointing
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    if name == "fsdp2_cp":
+        from accelerate.parallelism_config import ParallelismConfig
+
+        pc = ParallelismConfig()
+        assert pc.cp_enabled and pc.cp_backend == "torch" and pc.total_size == config.num_processes
+
+
+def _launch(out: Path, mode: str) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # `accelerate launch --cpu` starts one process (multi-CPU goes through mpirun or torchrun); torchrun sets
+    # RANK/WORLD_SIZE and accelerate's state picks gloo from them, as it does for GPUs under `accelerate launch`
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), __file__, str(out), mode]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_single_process_curve_and_resume(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    from ctxstretch.train.loop import latest_checkpoint, train_stage
+    from tests.conftest import micro_llama
+
+    single = train_stage(micro_llama(tokenizer), _rows(tokenizer), _cfg(), tmp_path / "one")
+    crashed = _launch(tmp_path / "two", "crash")
+    assert crashed.returncode != 0, crashed.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "two").name == "step-3"
+    assert not list((tmp_path / "two" / "checkpoints").glob("*.tmp"))
+    resumed = _launch(tmp_path / "two", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    ranks = [json.loads((tmp_path / "two" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert ranks == [{"world": 2, "backend": "gloo"}] * 2
+    assert len(_losses(tmp_path / "two")) == 6, "one metrics line per step, written by one process"
+    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-4, atol=1e-5)
+    weights = load_file(latest_checkpoint(tmp_path / "two") / "model.safetensors")
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _worker(out: Path, mode: str) -> None:
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+
+    from ctxstretch.tiny import MODEL_DIR
+    from ctxstretch.train.loop import train_stage
+    from tests.conftest import micro_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    rows, cfg = _rows(tokenizer), _cfg()
+
+    def crashing(i: int):
+        if i == CRASH_AT * cfg.grad_accum:
+            raise RuntimeError("simulated kill")
+        return rows(i)
+
+    train_stage(micro_llama(tokenizer), crashing if mode == "crash" else rows, cfg, out, resume=mode == "resume")
+    state = PartialState()
+    (out / f"rank-{state.process_index}.json").write_text(json.dumps({"world": state.num_processes,
+                                                                     "backend": state.backend}))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    _worker(Path(sys.argv[1]), sys.argv[2])
