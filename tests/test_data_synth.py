@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from ctxstretch.cli import app
+from ctxstretch.data import builders
 from ctxstretch.data import datasets as dsets
 from ctxstretch.data.impactful import (
     LogprobDelta,
@@ -252,7 +253,7 @@ def test_token_cache_is_hit_on_a_second_run_and_gives_identical_rows(tmp_path, m
     from ctxstretch.data import packing
 
     src = _corpus(tmp_path)
-    dsets.build_pack([str(src)], tmp_path / "p1", length=64)
+    builders.build_pack([str(src)], tmp_path / "p1", length=64)
     entries = list((Path(os.environ["CTXSTRETCH_CACHE"]) / "tokens").iterdir())
     assert entries and (entries[-1] / "tokens.arrow").is_file()
 
@@ -260,13 +261,13 @@ def test_token_cache_is_hit_on_a_second_run_and_gives_identical_rows(tmp_path, m
         raise AssertionError("tokenised again instead of reading the cache")
 
     monkeypatch.setattr(packing.TokenizedCorpus, "build", no_tokenising)
-    dsets.build_pack([str(src)], tmp_path / "p2", length=64)
-    dsets.build_cip([str(src)], tmp_path / "c2", length=64, chunk_len=8)
+    builders.build_pack([str(src)], tmp_path / "p2", length=64)
+    builders.build_cip([str(src)], tmp_path / "c2", length=64, chunk_len=8)
     a, b = datasets.load_from_disk(str(tmp_path / "p1")), datasets.load_from_disk(str(tmp_path / "p2"))
     assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"] and len(a) > 3
     (src / "b.txt").write_text(DOC + " changed")  # another fingerprint: tokenised again
     with pytest.raises(AssertionError, match="tokenised again"):
-        dsets.build_pack([str(src)], tmp_path / "p3", length=64)
+        builders.build_pack([str(src)], tmp_path / "p3", length=64)
 
 
 def test_cli_selfinstruct_impactful_probes_write_datasets_that_know_their_tokenizer(tmp_path, tokenizer):

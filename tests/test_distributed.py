@@ -135,6 +135,40 @@ def test_two_processes_follow_the_single_process_curve_and_resume(tmp_path, toke
         torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
+def test_a_recipe_runs_under_two_processes(tmp_path, tokenizer):
+    """`ctxstretch train` under torchrun: both processes train, one evaluates and writes, the output is whole."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import micro_llama
+
+    model_dir = tmp_path / "micro"
+    micro_llama(tokenizer, window=128).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(model_dir), "target": 512, "device": "cpu",
+        "eval": {"lengths": [128, 512], "depths": [0.5], "trials": 1, "loss_rows": 1, "short_rows": 1},
+        "stages": [{"name": "long", "positions": "longrecipe", "length_fraction": 0.3,
+                    "train": {"steps": 2, "batch_size": 2, "warmup_steps": 0, "log_every": 1, "device": "cpu",
+                              "precision": "fp32"}},
+                   {"name": "merge", "merge": {"weight": 0.5}}]}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "ctxstretch.cli", "train", str(recipe), "--out", str(tmp_path / "run")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "report.md").exists() and (run / "stages" / "merge" / "done.json").exists()
+    steps = [json.loads(x) for x in (run / "stages" / "long" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [1, 2], "one metrics line per step, written by one process"
+    assert AutoModelForCausalLM.from_pretrained(run / "model").config.max_position_embeddings == 512
+
+
 def _worker(out: Path, mode: str) -> None:
     from accelerate import PartialState
     from transformers import AutoTokenizer

@@ -144,6 +144,31 @@ def test_compare_writes_the_table_and_the_claims(tmp_path, micro128):
     assert len(list(out.glob("*/model/model.safetensors"))) == 4
     # the full-length rows cost more tokens than the 0.3·L rows under the same step budget
     cells = [r.split("|") for r in text.split("## Claims")[0].splitlines() if r.startswith("| ")]
-    tokens = {c[1].strip(): c[6].strip() for c in cells}
+    tokens = {c[1].strip(): c[7].strip() for c in cells}
     assert tokens["full"] == "2,048"  # 2 steps × 2 rows × 512
     assert 0 < int(tokens["longrecipe"].replace(",", "")) < 2048
+
+
+def test_a_stage_trains_on_a_ctxstretch_data_directory(tmp_path, micro128):
+    """Rows of a `ctxstretch data` folder (SynL here) feed a stage, padded to its rows in their own segment."""
+    from transformers import AutoTokenizer
+
+    from ctxstretch.data.builders import build_synl
+    from ctxstretch.data.mix import DatasetRows
+    from ctxstretch.data.readers import DataError
+    from ctxstretch.recipes.pipeline import StageConfig
+    from ctxstretch.recipes.rows import stage_rows
+    from ctxstretch.tiny import MODEL_DIR
+
+    data = tmp_path / "synl"
+    build_synl(data, model=str(micro128), lengths=[200], count=3)
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    stage = StageConfig.model_validate({"name": "sft", "train_length": 256, "target": 512,
+                                        "data": {"mix": {"dataset": 1.0}, "dataset": str(data)},
+                                        "train": {"batch_size": 2}})
+    batch = stage_rows(stage, tok, tmp_path / "cache", 0, dataset_dir=data)(0)
+    assert batch["input_ids"].shape == (2, 256)
+    labelled = batch["labels"] != -100
+    assert labelled.any() and (batch["segment_ids"][labelled] == 0).all(), "loss only on the example's answer"
+    with pytest.raises(DataError, match="longer than 128"):
+        DatasetRows(str(data), 128, 0, tok)

@@ -57,6 +57,16 @@ def _ints(text: str | None) -> list[int]:
     return out
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: '{text}' is not a comma-separated list of numbers (e.g. 0.1,0.5,0.9)") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise ConfigError(f"{flag}: give depths between 0 and 1 (e.g. 0.1,0.5,0.9)")
+    return values
+
+
 @app.command()
 def extend(
     out: Annotated[Path, typer.Option(help="run directory to create")] = Path("runs/extend"),
@@ -268,6 +278,9 @@ def compare(
     lengths: Annotated[str | None, typer.Option(help="evaluation lengths, e.g. 2k,4k,8k (default: doublings)")] = None,
     trials: Annotated[int | None, typer.Option(help="probes per (length, depth) cell")] = None,
     loss_rows: Annotated[int | None, typer.Option(help="held-out rows for loss by position")] = None,
+    depths: Annotated[str | None, typer.Option(help="needle depths, e.g. 0.1,0.5,0.9")] = None,
+    needle: Annotated[bool, typer.Option(help="also run the needle grid")] = True,
+    short_rows: Annotated[int | None, typer.Option(help="rows of the base window for the short-context loss")] = None,
 ) -> None:
     """Run several recipes under one budget; write compare.md (+ report.md/html with every model side by side)."""
 
@@ -277,7 +290,9 @@ def compare(
         names = [n.strip() for n in recipes.split(",") if n.strip()]
         if not names:
             raise ConfigError("--recipes: give at least one recipe name")
-        evals = {"lengths": _ints(lengths) or None, "trials": trials, "loss_rows": loss_rows}
+        evals = {"lengths": _ints(lengths) or None, "trials": trials, "loss_rows": loss_rows,
+                 "depths": _floats(depths, "--depths") if depths else None, "needle": None if needle else False,
+                 "short_rows": short_rows}
         evals = {k: v for k, v in evals.items() if v is not None}
         overrides = {"eval": evals} if evals else None
         path = run_compare(names, out, model=model, target=target, steps=steps, batch_size=batch_size,

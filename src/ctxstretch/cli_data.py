@@ -8,7 +8,7 @@ and `ctxstretch.json` (tokenizer identity, row length).
 - `impactful`:    LongRecipe rows of sentences rich in impactful tokens (scorer model or digit heuristic);
 - `probes`:       passkey / needle / RULER retrieval probes as training rows (training seeds only).
 
-Each command is a thin face over a `build_*` function of `ctxstretch.data.datasets`.
+Each command is a thin face over a `build_*` function of `ctxstretch.data.builders`.
 """
 
 from __future__ import annotations
@@ -21,16 +21,15 @@ from typing import Annotated
 import typer
 
 from .config import ConfigError
-from .data.datasets import (
-    Written,
+from .data.builders import (
     build_cip,
     build_impactful,
     build_pack,
     build_probes,
     build_selfinstruct,
     build_synl,
-    set_console,
 )
+from .data.datasets import Written, set_console
 
 data_app = typer.Typer(no_args_is_help=True, help="Build training data: packed rows, CIP rows, SynL tables, "
                        "self-instruct QA, impactful-token rows, retrieval probes.")
@@ -186,13 +185,6 @@ def impactful_cmd(
         device=device, force=force, command=command_line(ctx))))
 
 
-def _floats(text: str, name: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{name}: '{text}' is not a comma list of numbers (e.g. 0,0.5,1)") from None
-
-
 @data_app.command("probes")
 def probes_cmd(
     ctx: typer.Context, out: Out, model: Model = "embedded",
@@ -205,7 +197,7 @@ def probes_cmd(
     text_field: TextField = "text", seed: Seed = 0, force: Force = False,
 ) -> None:
     """Retrieval probes as training rows, from the evaluation's generators with training seeds."""
-    from .cli import _ints
+    from .cli import _floats, _ints
 
     _run(lambda: _done(out, build_probes(
         out, model=model, kinds=[k.strip() for k in kinds.split(",") if k.strip()], lengths=_ints(lengths),

@@ -119,21 +119,23 @@ def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int,
         results[o.name] = o.result
     write_report(out, "ctxstretch compare", [f"- settings: `{json.dumps(settings)}`"], results, window)
     head = ["recipe", f"passkey @ {target:,}", f"needle @ {target:,}", f"loss {far}", f"Δ loss {near} vs base",
-            "tokens trained", "est. FLOPs", "wall (min)"]
+            f"Δ short-context loss ({window:,}-token rows)", "tokens trained", "est. FLOPs", "wall (min)"]
     rows = [["base", _pct(base.passkey.by_length().get(target)), _pct(_needle(base, target)),
-             _num(base.buckets.get(far)), "", "0", "0", "0"]]
+             _num(base.buckets.get(far)), _num(base.buckets.get(near)), _num(_short(base)), "0", "0", "0"]]
     for o in outs:
         for label, r in [*((f"{o.name} (after {s})", r) for s, r in o.stage_results.items()), (o.name, o.result)]:
             final = r is o.result
             rows.append([label, _pct(r.passkey.by_length().get(target)), _pct(_needle(r, target)),
                          _num(r.buckets.get(far)), _delta(r.buckets.get(near), base.buckets.get(near)),
+                         _delta(_short(r), _short(base)),
                          f"{o.tokens:,}" if final else "", f"{o.flops:.2e}" if final else "",
                          f"{o.wall_s / 60:.1f}" if final else ""])
     checks = claims({o.name: o for o in outs}, base, window, target)
     lines = ["# ctxstretch compare", "",
              f"Model `{settings.get('model', 'embedded')}` (window {window:,}) → target {target:,}; settings "
              f"`{json.dumps(settings)}`. Wall time counts the recipe's stages (training, data building, merging), "
-             "not evaluation. FLOPs per trained token: 6·N + 12·layers·row·heads·head_dim (`ctxstretch plan`).", "",
+             "not evaluation; Δ columns are against the base, whose row gives its own loss. "
+             "FLOPs per trained token: 6·N + 12·layers·row·heads·head_dim (`ctxstretch plan`).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              *["| " + " | ".join(r) + " |" for r in rows], ""]
     if checks:
@@ -148,6 +150,10 @@ def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int,
         table.add_row(*r)
     console.print(table)
     return path
+
+
+def _short(r: EvalResult) -> float | None:
+    return None if r.short is None else r.short.get("loss")
 
 
 def _needle(r: EvalResult, n: int) -> float | None:

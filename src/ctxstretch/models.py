@@ -38,15 +38,20 @@ def resolve(model: str | Path | None) -> Path:
     return path
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file's content, or a one-line ModelError naming the file and line."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
 def check_model_dir(path: Path, trust_remote_code: bool = False) -> None:
     """Refuse a directory without a readable config.json, or one asking for remote code without the flag."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelError(f"{path}: no config.json; this is not a Hugging Face model directory")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    raw = read_json(config_file)
     if raw.get("auto_map") and not trust_remote_code:
         raise ModelError(f"{config_file}: the model asks for remote code (auto_map); pass --trust-remote-code "
                          "only if you trust its author")

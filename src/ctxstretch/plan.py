@@ -7,7 +7,6 @@ Every figure is an estimate with its formula stated next to it; compare with a m
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,7 +66,7 @@ class Shape:
 
 def read_shape(source: str | Path) -> Shape:
     """Shape from a model directory, 'embedded', or a config.json path; one-line ConfigError otherwise."""
-    from .models import resolve
+    from .models import read_json, resolve
 
     path = Path(source)
     if str(source) != "embedded" and path.suffix == ".json":
@@ -78,10 +77,7 @@ def read_shape(source: str | Path) -> Shape:
         config_file = resolve(str(source)) / "config.json"
         if not config_file.is_file():
             raise ConfigError(f"{config_file.parent}: no config.json; pass a Hugging Face model directory")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    raw = read_json(config_file)
     raw = raw.get("text_config", raw) if isinstance(raw, dict) else raw
     need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
     missing = [k for k in need if not isinstance(raw, dict) or not isinstance(raw.get(k), int) or raw.get(k) <= 0]

@@ -92,6 +92,19 @@ def _window(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
 
 
+def left_padded(ids: list[list[int]], pad_id: int):
+    """A left-padded (B, T) batch of token lists and its (B, T) attention mask, both int64 tensors."""
+    import torch
+
+    width = max(map(len, ids))
+    inp = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        inp[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    return inp, mask
+
+
 class QAWriter:
     """Writes and checks QA pairs with one generator model (any local causal LM; `ctxstretch.models.load`)."""
 
@@ -121,12 +134,8 @@ class QAWriter:
         import torch
 
         ids = [self.enc(p)[-(self.window - max_new):] for p in prompts]
-        width = max(map(len, ids))
-        inp = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            inp[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
+        inp, mask = left_padded(ids, self.pad_id)
+        width = inp.shape[1]
         sample = self.temperature > 0
         kw = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if sample else dict(do_sample=False)
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -174,12 +183,7 @@ class QAWriter:
         yes = sorted({self.enc(w)[0] for w in (" yes", " Yes", "yes", "Yes")})
         no = sorted({self.enc(w)[0] for w in (" no", " No", "no", "No")})
         ids = [self.enc(p)[-self.window:] for p in prompts]
-        width = max(map(len, ids))
-        inp = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            inp[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
+        inp, mask = left_padded(ids, self.pad_id)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         dev = self.model.device
         with torch.no_grad():

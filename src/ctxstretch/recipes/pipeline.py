@@ -217,26 +217,34 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
 
     saved_config: what `config.yaml` records (default: the resolved pipeline). base_eval: a directory holding (or to
     hold) the base model's evaluation, shared between runs (`compare`). checks(results, window, target): claims
-    shown as the report's Targets table."""
+    shown as the report's Targets table. Under `accelerate launch` every process trains its share of each batch;
+    only the main one evaluates and writes."""
+    from ..data.datasets import load_tokenizer
+
     console = console or Console()
     t0 = time.time()
+    main = _is_main()
     path = resolve(cfg.model)
     window = original_window(load_config(path, cfg.trust_remote_code, cfg.allow_bin))
     cfg = cfg.resolved(window)
-    prepare_out(out, saved_config or cfg.model_dump(mode="json"), resume, force)
+    if main:
+        prepare_out(out, saved_config or cfg.model_dump(mode="json"), resume, force)
+    _barrier()
     device = resolve_device(cfg.device)
     cache = out / "cache"
     loaded = dict(trust_remote_code=cfg.trust_remote_code, allow_bin=cfg.allow_bin)
     console.print(f"[bold]{cfg.name}[/] {path}: window {window:,} → {cfg.target:,}, rope {cfg.rope.method}, "
                   f"stages: {', '.join(f'{s.name} ({s.kind})' for s in cfg.stages)}")
+    tokenizer = load_tokenizer(str(path))
 
-    def run_eval(model, tokenizer) -> EvalResult:
+    def run_eval(model) -> EvalResult:
         with torch.no_grad(), Progress(console=console) as progress:
             return evaluate(model, tokenizer, cfg.eval, window, cfg.target, cache, progress)
 
-    base_model, tokenizer = load(path, device, **loaded)
-    results = {"base": eval_cached(base_eval or out / "base", lambda m=base_model: run_eval(m, tokenizer))}
-    base_model = None  # free it before loading the model to extend
+    results: dict[str, EvalResult] = {}
+    if main:
+        results["base"] = eval_cached(base_eval or out / "base", lambda: run_eval(load(path, device, **loaded)[0]))
+    _barrier()
 
     new_config = load_config(path, **loaded)
     rope = apply_rope(new_config, cfg.rope.method, cfg.target, cfg.rope.theta)
@@ -250,32 +258,28 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
             if model is None:
                 model, _ = load(current, device, config=new_config if current == path else None, **loaded)
             model, summary = run_stage(stage, model, tokenizer, sdir, cfg, path, new_config, device, cache,
-                                       resume, console)
-            save(model, tokenizer, sdir / "model")
-            done.write_text(json.dumps(summary))
-        else:
+                                       resume, console, main)
+            if main:
+                if stage.kind != "build":  # building data leaves the model as it was
+                    save(model, tokenizer, sdir / "model")
+                done.write_text(json.dumps(summary))
+            _barrier()
+        elif stage.kind != "build":
             model = None
-        current = sdir / "model"
-        summary = json.loads(done.read_text())
-        summaries.append(summary)
-        if stage.evaluate:
+        current = sdir / "model" if stage.kind != "build" else current
+        summaries.append(json.loads(done.read_text()))
+        if stage.evaluate and main:
             if model is None:
                 model, _ = load(current, device, **loaded)
-            results[stage.name] = eval_cached(sdir / "eval", lambda m=model: run_eval(m, tokenizer))
+            results[stage.name] = eval_cached(sdir / "eval", lambda m=model: run_eval(m))
+    if not main:
+        return out / "report.md"
     if model is None:
-        model, _ = load(current, device, **loaded)
+        model, _ = load(current, device, config=new_config if current == path else None, **loaded)
     save(model, tokenizer, out / "model")
-    results["extended"] = eval_cached(out / "extended", lambda: run_eval(model, tokenizer))
+    results["extended"] = eval_cached(out / "extended", lambda: run_eval(model))
     minutes = (time.time() - t0) / 60
-    with (out / "metrics.jsonl").open("w") as log:  # every stage's step records, then the summaries
-        for stage in cfg.stages:
-            steps = out / "stages" / stage.name / "metrics.jsonl"
-            log.write(steps.read_text() if steps.exists() else "")
-        for s in summaries:
-            log.write(json.dumps(s) + "\n")
-        for name, r in results.items():
-            log.write(json.dumps({"eval": name, **r.summary(), **({"wall_minutes": round(minutes, 2)}
-                                                                    if name == "extended" else {})}) + "\n")
+    write_metrics(out, cfg, summaries, results, minutes)
     header = [f"- model: `{cfg.model}` (window {window:,}) → target {cfg.target:,}",
               f"- rope: `{json.dumps(rope)}`",
               *[f"- stage `{s['stage']}` ({s['kind']}): {s['what']}" for s in summaries],
@@ -290,14 +294,45 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
     return report
 
 
+def _is_main() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _barrier() -> None:
+    """Wait for every process (a no-op in one process). accelerate's state is fetched anew: stages reset it."""
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def write_metrics(out: Path, cfg: PipelineConfig, summaries: list[dict], results: dict[str, EvalResult],
+                  minutes: float) -> None:
+    """`metrics.jsonl`: every stage's step records, then the stage summaries, then each evaluation."""
+    with (out / "metrics.jsonl").open("w") as log:
+        for stage in cfg.stages:
+            steps = out / "stages" / stage.name / "metrics.jsonl"
+            log.write(steps.read_text() if steps.exists() else "")
+        for s in summaries:
+            log.write(json.dumps(s) + "\n")
+        for name, r in results.items():
+            extra = {"wall_minutes": round(minutes, 2)} if name == "extended" else {}
+            log.write(json.dumps({"eval": name, **r.summary(), **extra}) + "\n")
+
+
 def run_stage(stage: StageConfig, model, tokenizer, sdir: Path, cfg: PipelineConfig, original: Path, rope_config,
-              device: str, cache: Path, resume: bool, console: Console) -> tuple[torch.nn.Module, dict]:
-    """Run one stage on `model`; returns (the model after it, its summary for metrics.jsonl and compare)."""
+              device: str, cache: Path, resume: bool, console: Console, main: bool = True
+              ) -> tuple[torch.nn.Module, dict]:
+    """Run one stage on `model`; returns (the model after it, its summary for metrics.jsonl and compare).
+    Data is built by the main process only."""
     t0 = time.time()
     summary: dict = {"stage": stage.name, "kind": stage.kind, "tokens": 0}
     if stage.build:
-        written = build_stage_data(stage.build.kind, stage.build.args, sdir / "data", tokenizer_source=cfg.model,
-                                   length=stage.train_length, seed=cfg.seed)
+        written = "built by the main process"
+        if main:
+            written = build_stage_data(stage.build.kind, stage.build.args, sdir / "data",
+                                       tokenizer_source=cfg.model, length=stage.train_length, seed=cfg.seed)
         summary["what"] = f"built {stage.build.kind} data ({written})"
     elif stage.merge:
         orig, _ = load(original, device, config=rope_config, trust_remote_code=cfg.trust_remote_code,

@@ -77,7 +77,7 @@ def impactful_selector(tokenizer, scorer: str | None, device: str = "cpu"):
 
 def build_stage_data(kind: str, args: dict, out: Path, *, tokenizer_source: str, length: int, seed: int) -> str:
     """Run the `ctxstretch data <kind>` builder into `out` (replacing a half-built one); returns a short summary."""
-    from ..data import datasets as builders
+    from ..data import builders
 
     fn = getattr(builders, f"build_{kind}")
     params = inspect.signature(fn).parameters
