@@ -172,3 +172,18 @@ def test_a_stage_trains_on_a_ctxstretch_data_directory(tmp_path, micro128):
     assert labelled.any() and (batch["segment_ids"][labelled] == 0).all(), "loss only on the example's answer"
     with pytest.raises(DataError, match="longer than 128"):
         DatasetRows(str(data), 128, 0, tok)
+
+
+def test_a_training_free_recipe_writes_the_new_rope(tmp_path, micro128):
+    """No stages: the output is the base weights under the new rope configuration, and it computes differently."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = pipeline_from({"recipe": "yarn-free", "model": str(micro128), "target": 512, "eval": TINY_EVAL}, "x",
+                        lambda model: 128)
+    run_pipeline(cfg, tmp_path / "run")
+    new = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert new.config.rope_parameters["rope_type"] == "yarn" and new.config.max_position_embeddings == 512
+    x = torch.arange(300)[None] % 1000
+    with torch.no_grad():
+        base_logits = AutoModelForCausalLM.from_pretrained(micro128)(x).logits
+        assert not torch.allclose(new(x).logits, base_logits)

@@ -61,18 +61,37 @@ def read_corpus(srcs: list[str], tok, text_field: str, bad: BadRecords, cache: b
         if corpus is not None:
             data_console().print(f"tokens from the cache: {entry}", highlight=False)
             return _nonempty(corpus, srcs, bad)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=data_console(), transient=True) as pr:
-        task = pr.add_task("tokenising")
-        corpus = TokenizedCorpus.build(
-            tok, read_sources(srcs, text_field=text_field, bad=bad), eos_id=tok.eos_token_id,
-            progress=lambda d, n: pr.update(task, description=f"tokenising: {d:,} documents, {n:,} tokens"))
-    if entry is not None and len(corpus):
+    sink = None
+    if entry is not None:
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            tokcache.store(entry, corpus, bad)
+            sink = tokcache.Writer(entry, bad)
         except OSError as e:  # a read-only or full cache never stops a build
-            data_console().print(f"[yellow]warning[/]: cannot write the token cache {entry} ({e.strerror})")
+            _cache_warning(entry, e)
+    corpus = None
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=data_console(), transient=True) as pr:
+        task = pr.add_task("tokenising")
+
+        def tokenise(sink) -> TokenizedCorpus:
+            return TokenizedCorpus.build(
+                tok, read_sources(srcs, text_field=text_field, bad=bad), eos_id=tok.eos_token_id, sink=sink,
+                progress=lambda d, n: pr.update(task, description=f"tokenising: {d:,} documents, {n:,} tokens"))
+
+        if sink is not None:  # streamed into the cache as it is tokenised, and read back memory-mapped
+            before = (bad.count, bad.reasons.copy(), list(bad.examples))
+            try:
+                with sink:
+                    corpus = tokenise(sink)
+            except tokcache.CacheWriteError as e:  # e.g. the disk filled up: read everything again, uncached
+                _cache_warning(entry, e)
+                bad.count, bad.reasons, bad.examples = before
+        if corpus is None:
+            corpus = tokenise(None)
     return _nonempty(corpus, srcs, bad)
+
+
+def _cache_warning(entry, e: OSError) -> None:
+    data_console().print(f"[yellow]warning[/]: cannot write the token cache {entry} ({e.strerror or e})")
 
 
 def _nonempty(corpus: TokenizedCorpus, srcs: list[str], bad: BadRecords) -> TokenizedCorpus:

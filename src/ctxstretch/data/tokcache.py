@@ -3,10 +3,12 @@ fingerprint, tokenizer hash, reading options), so `ctxstretch data pack|cip` tok
 
 Layout: `$CTXSTRETCH_CACHE/tokens/<key>/` (default `~/.cache/ctxstretch/tokens`) holding `tokens.arrow` (one int32
 column, every token of every document), `docs.arrow` (per document: token offset and source index) and
-`meta.json` (source names, the bad records skipped while reading). A source's fingerprint is its resolved path
-with the size and modification time of every file under it; the embedded corpus is fingerprinted by the
-interpreter's standard-library path and version. Entries are written to a temporary folder and renamed, so a
-reader never sees half an entry.
+`meta.json` (source names, the bad records skipped while reading). Both Arrow files are written a record batch at a
+time while the corpus is tokenised (`Writer`), each batch holding whole documents, and read back memory-mapped, one
+zero-copy array per batch: neither writing nor reading an entry holds the tokens in memory. A source's fingerprint
+is its resolved path with the size and modification time of every file under it; the embedded corpus is
+fingerprinted by the interpreter's standard-library path and version. Entries are written to a temporary folder and
+renamed, so a reader never sees half an entry.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .packing import TokenizedCorpus
+from .packing import TokenizedCorpus, as_tokens
 from .readers import EMBEDDED, BadRecord, BadRecords
 
 FORMAT = 1
@@ -63,58 +65,147 @@ def cache_key(srcs: list[str], tokenizer, text_field: str, policy: str, eos_id: 
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def _mmap_column(path: Path, name: str) -> np.ndarray:
+def _mmap_chunks(path: Path, name: str) -> list[np.ndarray]:
+    """Column `name` of an Arrow IPC file, one zero-copy memory-mapped array per record batch."""
     import pyarrow as pa
 
     table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    col = table.column(name)
-    if col.num_chunks == 1:
-        return col.chunk(0).to_numpy(zero_copy_only=True)
-    return col.to_numpy()
+    return [c.to_numpy(zero_copy_only=True) for c in table.column(name).chunks]
 
 
-def load(entry: Path, bad: BadRecords) -> TokenizedCorpus | None:
-    """The cached corpus at `entry` (memory-mapped), or None if there is no complete entry. Restores the bad
-    records skipped when the entry was made into `bad`."""
+def _mmap_column(path: Path, name: str) -> np.ndarray:
+    chunks = _mmap_chunks(path, name)
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+
+def _read(entry: Path) -> tuple[TokenizedCorpus, dict] | None:
     meta_file = entry / "meta.json"
     if not meta_file.is_file():
         return None
     try:
         meta = json.loads(meta_file.read_text())
-        tokens = _mmap_column(entry / "tokens.arrow", "tokens")
+        tokens = as_tokens(_mmap_chunks(entry / "tokens.arrow", "tokens"))
         starts = _mmap_column(entry / "docs.arrow", "start")
         sources = _mmap_column(entry / "docs.arrow", "source")
     except (OSError, ValueError, KeyError):
         return None  # a damaged entry is rebuilt
     offsets = np.append(starts, len(tokens)).astype(np.int64)
+    return TokenizedCorpus(tokens, offsets, np.asarray(sources), list(meta["source_names"])), meta
+
+
+def load(entry: Path, bad: BadRecords) -> TokenizedCorpus | None:
+    """The cached corpus at `entry` (memory-mapped), or None if there is no complete entry. Restores the bad
+    records skipped when the entry was made into `bad`."""
+    got = _read(entry)
+    if got is None:
+        return None
+    corpus, meta = got
     bad.count += int(meta["bad"]["count"])
     bad.reasons.update(Counter(meta["bad"]["reasons"]))
     bad.examples.extend(BadRecord(*r) for r in meta["bad"]["examples"])
-    return TokenizedCorpus(tokens, offsets, np.asarray(sources), list(meta["source_names"]))
+    return corpus
+
+
+class CacheWriteError(OSError):
+    """The token cache could not be written (read-only or full disk); the corpus can still be built without it."""
+
+
+class Writer:
+    """Writes a cache entry while the corpus is tokenised (`TokenizedCorpus.build(..., sink=writer)`): each chunk of
+    whole documents is appended to `tokens.arrow` and `docs.arrow` as one Arrow record batch, so nothing but the
+    chunk being written is held in memory; `close` renames the entry into place and returns it memory-mapped.
+    Use it as a context manager: an unfinished entry (an error, an interrupt) is removed. Failures to write raise
+    `CacheWriteError`."""
+
+    def __init__(self, entry: Path, bad: BadRecords):
+        import pyarrow as pa
+
+        self.entry, self.bad = entry, bad
+        self.tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+        self.tokens = self.documents = 0
+        self._open: list = []  # (ipc writer, file), closed in order
+        self._schemas = {"tokens.arrow": pa.schema([("tokens", pa.int32())]),
+                         "docs.arrow": pa.schema([("start", pa.int64()), ("source", pa.int32())])}
+        try:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+            for name, schema in self._schemas.items():
+                sink = pa.OSFile(str(self.tmp / name), "wb")
+                self._open.append((pa.ipc.new_file(sink, schema), sink))
+        except OSError as e:
+            self.abort()
+            raise CacheWriteError(e.errno, e.strerror or str(e)) from e
+
+    def write(self, tokens: np.ndarray, lengths: np.ndarray, sources: np.ndarray) -> None:
+        """Append documents: their tokens back to back, tokens per document, source index per document."""
+        import pyarrow as pa
+
+        starts = np.empty(len(lengths), dtype=np.int64)
+        if len(lengths):
+            starts[0] = 0
+            np.cumsum(lengths[:-1], out=starts[1:])
+        starts += self.tokens
+        try:
+            (tok_w, _), (doc_w, _) = self._open
+            tok_w.write_batch(pa.record_batch([pa.array(np.asarray(tokens, dtype=np.int32))],
+                                              schema=self._schemas["tokens.arrow"]))
+            doc_w.write_batch(pa.record_batch([pa.array(starts), pa.array(np.asarray(sources, dtype=np.int32))],
+                                              schema=self._schemas["docs.arrow"]))
+        except OSError as e:
+            raise CacheWriteError(e.errno, e.strerror or str(e)) from e
+        self.tokens += len(tokens)
+        self.documents += len(lengths)
+
+    def close(self, source_names: list[str]) -> TokenizedCorpus:
+        """Finish the entry and return it memory-mapped (an empty corpus leaves no entry)."""
+        try:
+            self._close_files()
+            if not self.documents:
+                self.abort()
+                return TokenizedCorpus(np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64),
+                                       np.zeros(0, dtype=np.int32), list(source_names))
+            bad = self.bad
+            bad_meta = {"count": bad.count, "reasons": dict(bad.reasons),
+                        "examples": [[r.path, r.line, r.reason] for r in bad.examples]}
+            (self.tmp / "meta.json").write_text(json.dumps({
+                "format": FORMAT, "source_names": list(source_names), "documents": self.documents,
+                "tokens": self.tokens, "bad": bad_meta}))
+            if self.entry.exists():
+                shutil.rmtree(self.entry)
+            os.replace(self.tmp, self.entry)
+        except OSError as e:
+            self.abort()
+            raise CacheWriteError(e.errno, e.strerror or str(e)) from e
+        got = _read(self.entry)
+        if got is None:
+            raise CacheWriteError(None, f"cannot read back the token cache entry {self.entry}")
+        return got[0]
+
+    def _close_files(self) -> None:
+        opened, self._open = self._open, []
+        for writer, sink in opened:
+            try:
+                writer.close()
+            finally:
+                sink.close()
+
+    def abort(self) -> None:
+        """Drop the unfinished entry."""
+        try:
+            self._close_files()
+        except OSError:
+            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()  # after close() this only finds nothing left to remove
 
 
 def store(entry: Path, corpus: TokenizedCorpus, bad: BadRecords) -> None:
-    """Write `corpus` as a cache entry (atomically: a temporary folder renamed into place)."""
-    import pyarrow as pa
-
-    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for name, table in (
-            ("tokens.arrow", pa.table({"tokens": pa.array(np.asarray(corpus.tokens, dtype=np.int32))})),
-            ("docs.arrow", pa.table({"start": pa.array(corpus.offsets[:-1].astype(np.int64)),
-                                     "source": pa.array(np.asarray(corpus.sources, dtype=np.int32))})),
-        ):
-            with pa.OSFile(str(tmp / name), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-                w.write_table(table)
-        bad_meta = {"count": bad.count, "reasons": dict(bad.reasons),
-                    "examples": [[r.path, r.line, r.reason] for r in bad.examples]}
-        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "source_names": corpus.source_names,
-                                                   "documents": len(corpus), "tokens": int(len(corpus.tokens)),
-                                                   "bad": bad_meta}))
-        if entry.exists():
-            shutil.rmtree(entry)
-        os.replace(tmp, entry)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Write an in-memory `corpus` as a cache entry (atomically: a temporary folder renamed into place)."""
+    with Writer(entry, bad) as w:
+        w.write(np.asarray(corpus.tokens), corpus.lengths, corpus.sources)
+        w.close(corpus.source_names)

@@ -223,14 +223,14 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
 
     console = console or Console()
     t0 = time.time()
-    main = _is_main()
+    device = resolve_device(cfg.device)
+    main = _is_main(device)
     path = resolve(cfg.model)
     window = original_window(load_config(path, cfg.trust_remote_code, cfg.allow_bin))
     cfg = cfg.resolved(window)
     if main:
         prepare_out(out, saved_config or cfg.model_dump(mode="json"), resume, force)
-    _barrier()
-    device = resolve_device(cfg.device)
+    _barrier(device)
     cache = out / "cache"
     loaded = dict(trust_remote_code=cfg.trust_remote_code, allow_bin=cfg.allow_bin)
     console.print(f"[bold]{cfg.name}[/] {path}: window {window:,} → {cfg.target:,}, rope {cfg.rope.method}, "
@@ -244,7 +244,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
     results: dict[str, EvalResult] = {}
     if main:
         results["base"] = eval_cached(base_eval or out / "base", lambda: run_eval(load(path, device, **loaded)[0]))
-    _barrier()
+    _barrier(device)
 
     new_config = load_config(path, **loaded)
     rope = apply_rope(new_config, cfg.rope.method, cfg.target, cfg.rope.theta)
@@ -263,7 +263,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
                 if stage.kind != "build":  # building data leaves the model as it was
                     save(model, tokenizer, sdir / "model")
                 done.write_text(json.dumps(summary))
-            _barrier()
+            _barrier(device)
         elif stage.kind != "build":
             model = None
         current = sdir / "model" if stage.kind != "build" else current
@@ -294,17 +294,18 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
     return report
 
 
-def _is_main() -> bool:
+def _is_main(device: str) -> bool:
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=device == "cpu").is_main_process
 
 
-def _barrier() -> None:
-    """Wait for every process (a no-op in one process). accelerate's state is fetched anew: stages reset it."""
+def _barrier(device: str) -> None:
+    """Wait for every process (a no-op in one process). accelerate's state is fetched anew: stages reset it.
+    On CPU, `cpu=True` makes accelerate see torchrun's processes (it would otherwise report one)."""
     from accelerate import PartialState
 
-    PartialState().wait_for_everyone()
+    PartialState(cpu=device == "cpu").wait_for_everyone()
 
 
 def write_metrics(out: Path, cfg: PipelineConfig, summaries: list[dict], results: dict[str, EvalResult],
