@@ -39,6 +39,18 @@ def micro_model_dir(tmp_path, tokenizer):
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct imported from its GGUF (downloaded once, cached); skips with the reason if unavailable."""
+    from ctxstretch.realmodel import RealModelUnavailable, smollm2_dir
+
+    try:
+        return smollm2_dir()
+    except RealModelUnavailable as e:
+        print(f"\nreal model unavailable: {e}")
+        pytest.skip(f"real model unavailable: {e}")
+
+
 _LOCAL = ("127.0.0.1", "::1", "localhost")
 
 

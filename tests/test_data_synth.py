@@ -178,15 +178,12 @@ def test_embedded_model_writes_real_examples_with_loss_only_on_the_answer(tokeni
     assert (lab[len(doc) : n - len(answer)] == IGNORE).all() and lab[n - len(answer) : n].tolist() == answer
 
 
-def test_chat_template_rows_wrap_the_document_in_a_user_turn(tokenizer, monkeypatch):
-    from ctxstretch.realmodel import default_cache
-
+@pytest.mark.real_model
+def test_chat_template_rows_wrap_the_document_in_a_user_turn(tokenizer, monkeypatch, request):
     monkeypatch.delenv("CTXSTRETCH_CACHE")
     if ORIGINAL_CACHE:
         monkeypatch.setenv("CTXSTRETCH_CACHE", ORIGINAL_CACHE)
-    path = default_cache() / "model"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip("SmolLM2 is not imported on this machine")
+    path = request.getfixturevalue("smollm2")  # the user's model cache, not this module's temporary one
     from transformers import AutoTokenizer
 
     chat = AutoTokenizer.from_pretrained(path)

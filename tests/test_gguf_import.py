@@ -209,17 +209,6 @@ def test_micro_gguf_round_trip(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    from ctxstretch.realmodel import RealModelUnavailable, smollm2_dir
-
-    try:
-        return smollm2_dir()
-    except RealModelUnavailable as e:
-        print(f"\nreal model unavailable: {e}")
-        pytest.skip(f"real model unavailable: {e}")
-
-
-@pytest.fixture(scope="session")
 def smollm2_loaded(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

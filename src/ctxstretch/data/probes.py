@@ -69,7 +69,10 @@ class ProbeBuilder:
         answer, exactly `length` tokens; labels only on the answer."""
         room = length - len(prefix) - sum(map(len, needles)) - len(question) - len(answer)
         if room < 0:
-            raise ValueError(f"a probe of {length} tokens is too short for its needles and question")
+            from ..config import ConfigError  # a user's evaluation length: one line, not a traceback
+
+            raise ConfigError(f"a probe of {length} tokens is too short for its needles and question; evaluate at "
+                              f"lengths of at least {length - room + 16} tokens")
         hay = np.asarray(hay[:room], dtype=np.int64)
         parts, last = [np.asarray(prefix, dtype=np.int64)], 0
         for depth, needle in sorted(zip(depths, needles, strict=True), key=lambda t: t[0]):
