@@ -17,12 +17,26 @@ def cfg(window=256, theta=10000.0):
 def test_every_method_builds_frequencies_and_runs(method):
     c = cfg()
     params = apply_rope(c, method, 2048)
-    assert c.max_position_embeddings == 2048
+    assert c.max_position_embeddings == (256 if method == "ntk" else 2048)  # dynamic NTK scales beyond the window
     assert "rope_theta" in params and c.rope_parameters == params
     rot = LlamaRotaryEmbedding(c)
     x = torch.zeros(1, 4, 32)
     cos, sin = rot(x, torch.tensor([[0, 1, 1000, 2047]]))
     assert torch.isfinite(cos).all() and torch.isfinite(sin).all()
+
+
+def test_dynamic_ntk_scales_rows_beyond_the_original_window():
+    """A row reaching the target sees a larger base than the unscaled model (not switched off below the target)."""
+    base, dyn = cfg(), cfg()
+    apply_rope(dyn, "ntk", 2048)
+    x, pos = torch.zeros(1, 4, 32), torch.arange(2048)[None]
+    cos_base, _ = LlamaRotaryEmbedding(base)(x, pos)
+    rot = LlamaRotaryEmbedding(dyn)
+    cos_dyn, _ = rot(x, pos)
+    assert not torch.allclose(cos_base, cos_dyn)
+    short_base, _ = LlamaRotaryEmbedding(base)(x, pos[:, :256])
+    short_dyn, _ = LlamaRotaryEmbedding(dyn)(x, pos[:, :256])
+    torch.testing.assert_close(short_base, short_dyn)  # inside the window nothing changes
 
 
 def test_abf_raises_theta_by_ntk_rule_and_keeps_default_type():

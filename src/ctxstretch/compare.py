@@ -112,6 +112,8 @@ def _far_bucket(r: EvalResult, target: int) -> str | None:
 def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int, target: int, settings: dict,
                   console: Console) -> Path:
     """compare.md: one row per recipe (and per evaluated intermediate stage), the claims, and the plots."""
+    goal, evaluated = target, base.passkey.lengths
+    target = goal if goal in evaluated else max(evaluated)  # the longest length evaluated when short of the goal
     far, near = _far_bucket(base, target), f"0-{window}"
     results = {"base": base}
     for o in outs:
@@ -132,7 +134,8 @@ def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int,
                          f"{o.wall_s / 60:.1f}" if final else ""])
     checks = claims({o.name: o for o in outs}, base, window, target)
     lines = ["# ctxstretch compare", "",
-             f"Model `{settings.get('model', 'embedded')}` (window {window:,}) → target {target:,}; settings "
+             f"Model `{settings.get('model', 'embedded')}` (window {window:,}) → target {goal:,}"
+             + (f", evaluated up to {target:,}" if target != goal else "") + "; settings "
              f"`{json.dumps(settings)}`. Wall time counts the recipe's stages (training, data building, merging), "
              "not evaluation; Δ columns are against the base, whose row gives its own loss. "
              "FLOPs per trained token: 6·N + 12·layers·row·heads·head_dim (`ctxstretch plan`).", "",

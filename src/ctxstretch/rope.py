@@ -76,10 +76,15 @@ def rope_parameters(config, method: str, target: int, theta: float | None = None
 
 
 def apply_rope(config, method: str, target: int, theta: float | None = None) -> dict[str, Any]:
-    """Write the method's rope dict and the new window into `config` together; return the dict."""
+    """Write the method's rope dict and the new window into `config` together; return the dict.
+
+    Dynamic NTK is the exception: transformers scales the base only for sequences longer than
+    `max_position_embeddings`, so that stays the original window (raising it to the target would switch the
+    scaling off everywhere below the target)."""
     params = rope_parameters(config, method, target, theta)
     config.rope_parameters = params
-    config.max_position_embeddings = int(target)
+    if params["rope_type"] != "dynamic":
+        config.max_position_embeddings = int(target)
     return params
 
 
