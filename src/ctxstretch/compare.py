@@ -15,6 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .eval.evidence import heldout_effective_length
+from .eval.heldout import pooled
 from .eval.report import write_report
 from .eval.suite import EvalResult
 from .models import load_config, resolve
@@ -36,7 +38,11 @@ class Outcome:
     flops: float
 
     def at(self, kind: str, length: int, result: EvalResult | None = None) -> float | None:
-        grid = getattr(result or self.result, kind)
+        """Score of `kind` ("heldout": pooled held-out families; "passkey", "needle": in-format) at `length`."""
+        r = result or self.result
+        if kind == "heldout":
+            return _held(r, length)
+        grid = getattr(r, kind)
         return None if grid is None else grid.by_length().get(length)
 
 
@@ -82,13 +88,13 @@ def claims(outs: dict[str, Outcome], base: EvalResult, window: int, target: int)
     checks = []
     lr, full = outs.get("longrecipe"), outs.get("full")
     if lr and full:
-        f = full.at("passkey", target) or 0.0
+        f = full.at("heldout", target) or 0.0
         for label, res in (("merged", None), ("before replay/merge", lr.stage_results.get("extend"))):
-            mine = lr.at("passkey", target, res) or 0.0
+            mine = lr.at("heldout", target, res) or 0.0
             ratio = mine / f if f else float("inf") if mine else 1.0
             time_ratio = lr.wall_s / full.wall_s if full.wall_s else 0.0
-            checks.append((f"LongRecipe ({label}) reaches ≥ 95% of full-length passkey @ {target:,} in ≤ 35% of its "
-                           "wall time", ratio >= 0.95 and time_ratio <= 0.35,
+            checks.append((f"LongRecipe ({label}) reaches ≥ 95% of full-length held-out retrieval @ {target:,} "
+                           "in ≤ 35% of its wall time", ratio >= 0.95 and time_ratio <= 0.35,
                            f"{mine:.0%} vs {f:.0%} ({ratio:.0%}); time {time_ratio:.0%}"))
     abf, pi = outs.get("full"), outs.get("pi")
     far = _far_bucket(base, target)
@@ -98,9 +104,10 @@ def claims(outs: dict[str, Outcome], base: EvalResult, window: int, target: int)
                        f"ABF {a:.3f} vs PI {b:.3f}"))
     sky = outs.get("longskywork")
     if sky and "sft" in sky.stage_results:
-        before, after = sky.at("needle", target, sky.stage_results["sft"]), sky.at("needle", target)
+        before, after = sky.at("heldout", target, sky.stage_results["sft"]), sky.at("heldout", target)
         if before is not None and after is not None:
-            checks.append((f"the SynL long-SFT stage raises needle @ {target:,} of the SFT model", after > before,
+            checks.append((f"the SynL long-SFT stage raises held-out retrieval @ {target:,} of the SFT model",
+                           after > before,
                            f"{before:.0%} → {after:.0%}"))
     return checks
 
@@ -120,14 +127,24 @@ def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int,
         results.update({f"{o.name}/{s}": r for s, r in o.stage_results.items()})
         results[o.name] = o.result
     write_report(out, "ctxstretch compare", [f"- settings: `{json.dumps(settings)}`"], results, window)
-    head = ["recipe", f"passkey @ {target:,}", f"needle @ {target:,}", f"loss {far}", f"Δ loss {near} vs base",
-            f"Δ short-context loss ({window:,}-token rows)", "tokens trained", "est. FLOPs", "wall (min)"]
-    rows = [["base", _pct(base.passkey.by_length().get(target)), _pct(_needle(base, target)),
-             _num(base.buckets.get(far)), _num(base.buckets.get(near)), _num(_short(base)), "0", "0", "0"]]
-    for o in outs:
+    head = ["rank", "recipe", f"held-out @ {target:,}", f"held-out @ {window:,}", "held-out effective length",
+            f"passkey @ {target:,} (in-format)", f"needle @ {target:,} (in-format)", f"loss {far}",
+            f"Δ loss {near} vs base", f"Δ short-context loss ({window:,}-token rows)", "tokens trained", "est. FLOPs",
+            "wall (min)"]
+
+    def retrieval(r: EvalResult) -> list[str]:
+        return [_count(r, target), _count(r, window), _num_int(heldout_effective_length(r)),
+                _pct(r.passkey.by_length().get(target)), _pct(_needle(r, target))]
+
+    rows = [["", "base", *retrieval(base), _num(base.buckets.get(far)), _num(base.buckets.get(near)),
+             _num(_short(base)), "0", "0", "0"]]
+    # ranked by held-out retrieval at the target, then by the effective length (in-format probes never rank)
+    ranked = sorted(outs, key=lambda o: (-(_held(o.result, target) or 0.0),
+                                         -(heldout_effective_length(o.result) or 0)))
+    for rank, o in enumerate(ranked, 1):
         for label, r in [*((f"{o.name} (after {s})", r) for s, r in o.stage_results.items()), (o.name, o.result)]:
             final = r is o.result
-            rows.append([label, _pct(r.passkey.by_length().get(target)), _pct(_needle(r, target)),
+            rows.append([str(rank) if final else "", label, *retrieval(r),
                          _num(r.buckets.get(far)), _delta(r.buckets.get(near), base.buckets.get(near)),
                          _delta(_short(r), _short(base)),
                          f"{o.tokens:,}" if final else "", f"{o.flops:.2e}" if final else "",
@@ -137,7 +154,9 @@ def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int,
              f"Model `{settings.get('model', 'embedded')}` (window {window:,}) → target {goal:,}"
              + (f", evaluated up to {target:,}" if target != goal else "") + "; settings "
              f"`{json.dumps(settings)}`. Wall time counts the recipe's stages (training, data building, merging), "
-             "not evaluation; Δ columns are against the base, whose row gives its own loss. "
+             "not evaluation; Δ columns are against the base, whose row gives its own loss. Held-out: the pooled "
+             "held-out families (no training row kind shares their template, filler or task), correct/probes; "
+             "recipes are ranked by it. Passkey and needle are in-format (training rows use their templates). "
              "FLOPs per trained token: 6·N + 12·layers·row·heads·head_dim (`ctxstretch plan`).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              *["| " + " | ".join(r) + " |" for r in rows], ""]
@@ -153,6 +172,20 @@ def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int,
         table.add_row(*r)
     console.print(table)
     return path
+
+
+def _held(r: EvalResult, n: int) -> float | None:
+    k, total = pooled(r.heldout).get(n, (0, 0))
+    return k / total if total else None
+
+
+def _count(r: EvalResult, n: int) -> str:
+    k, total = pooled(r.heldout).get(n, (0, 0))
+    return f"{k / total:.0%} ({k}/{total})" if total else "–"
+
+
+def _num_int(x: int | None) -> str:
+    return "–" if x is None else f"{x:,}"
 
 
 def _short(r: EvalResult) -> float | None:

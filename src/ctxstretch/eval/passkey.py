@@ -22,16 +22,22 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-@torch.no_grad()
 def score_examples(model, examples: list[Example], batch_size: int = 4) -> np.ndarray:
-    """Exact-match (greedy) correctness of each probe, shape (len(examples),). Probes in a batch share a length.
+    """Exact-match (greedy) correctness of each probe, shape (len(examples),) bool."""
+    return answer_scores(model, examples, batch_size)[0]
+
+
+@torch.no_grad()
+def answer_scores(model, examples: list[Example], batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Per probe: greedy exact match (bool) and the share of answer tokens that are the argmax (float), both of
+    shape (len(examples),). Probes in a batch share a length.
 
     The answer is the labelled tail, so only the last `k` positions need logits (`logits_to_keep`): the LM head
     over a (batch, length, vocab) tensor would otherwise cost as much as a layer. Results stay on the device until
     the end, so the next batch is built while an accelerator still runs the previous one."""
     device = next(model.parameters()).device
     keep_kw = _accepts_logits_to_keep(model)
-    oks = []
+    oks, fracs = [], []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         ids = torch.from_numpy(np.stack([e.input_ids for e in chunk])).to(device, torch.long)
@@ -43,8 +49,13 @@ def score_examples(model, examples: list[Example], batch_size: int = 4) -> np.nd
         logits = model(input_ids=ids, use_cache=False, **kw).logits[:, -k:]
         pred = logits[:, :-1].argmax(-1)
         target = torch.from_numpy(labels[:, labels.shape[1] - k + 1 :]).to(device)
-        oks.append(((pred == target) | (target == IGNORE)).all(1))
-    return torch.cat(oks).cpu().numpy() if oks else np.zeros(0, dtype=bool)
+        scored = target != IGNORE
+        hit = (pred == target) & scored
+        oks.append((hit | ~scored).all(1))
+        fracs.append(hit.sum(1).float() / scored.sum(1).clamp(min=1))
+    if not oks:
+        return np.zeros(0, dtype=bool), np.zeros(0)
+    return torch.cat(oks).cpu().numpy(), torch.cat(fracs).cpu().numpy()
 
 
 @dataclass

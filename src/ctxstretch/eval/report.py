@@ -8,6 +8,7 @@ import math
 import re
 from pathlib import Path
 
+from .evidence import external_section, heldout_section, in_format_note
 from .perplexity import fit_power_law, loss_vs_context
 from .plots import heatmap, loss_curves
 from .ruler import effective_length, mean_by_length
@@ -51,7 +52,8 @@ def write_report(out: Path, title: str, header: list[str], results: dict[str, Ev
     if curves:
         loss_curves(curves, out / "loss_by_position.png", window)
         plots.append("![loss by position](loss_by_position.png)")
-    lines = [f"# {title}", "", *header, "", "## Before / after", "", *comparison_table(results), ""]
+    lines = [f"# {title}", "", *header, "", *heldout_section(results, window), *external_section(results),
+             "## In-format probes", "", in_format_note(), "", *comparison_table(results), ""]
     lines += short_context_section(results)
     lines += ruler_section(results)
     lines += power_law_section(results, window)

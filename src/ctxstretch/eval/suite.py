@@ -1,5 +1,7 @@
-"""The evaluation every model gets: passkey and needle grids over lengths × depths, loss by position on held-out
-text, and the short-context regression (loss on rows of the base window; optional lm-evaluation-harness tasks).
+"""The evaluation every model gets: the held-out probe families (`data/families.py`: no training row kind shares
+their template, filler or task — the headline numbers), the in-format passkey and needle grids over lengths ×
+depths, loss by position on held-out text, and the short-context regression (loss on rows of the base window;
+optional lm-evaluation-harness tasks).
 Works on any local model; the held-out text is the embedded corpus' held-out split tokenised with that model's
 tokenizer (or, for the short-context loss, a user source)."""
 
@@ -10,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 from rich.progress import Progress
 
 from ..config import Strict
+from ..data.families import HELD_OUT
 from ..data.probes import ProbeBuilder
 from ..data.ruler import RulerBuilder
 from ..data.sources import embedded_token_stream
+from .heldout import heldout_scores
 from .passkey import Grid, retrieval_grid
 from .perplexity import default_buckets, loss_by_bucket, token_losses
 from .ruler import ruler_scores
@@ -27,6 +31,10 @@ class EvalConfig(Strict):
     """What to measure. Lengths default to doublings from the base window up to the target."""
 
     lengths: list[int] = Field(default_factory=list, description="probe lengths in tokens; empty: doublings")
+    heldout: list[str] = Field(default_factory=lambda: list(HELD_OUT),
+                               description="held-out probe families to score (the report's headline); empty: none")
+    heldout_depths: list[float] = Field([0.1, 0.5, 0.9], description="depths of the held-out probes")
+    heldout_trials: int = Field(4, ge=1, description="held-out probes per (family, length, depth)")
     depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     trials: int = Field(4, ge=1, description="probes per (length, depth) cell")
     needle: bool = True
@@ -40,6 +48,14 @@ class EvalConfig(Strict):
     lm_eval_limit: int | None = Field(None, ge=1, description="examples per lm-eval task (None: all)")
     batch_size: int = Field(2, ge=1)
     seed: int = 0
+
+    @field_validator("heldout")
+    @classmethod
+    def _known_families(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in HELD_OUT]
+        if unknown:
+            raise ValueError(f"'{unknown[0]}' is not a held-out family; choose from {', '.join(HELD_OUT)}")
+        return names
 
 
 def doublings(base_window: int, target: int) -> list[int]:
@@ -63,9 +79,15 @@ class EvalResult:
     ruler: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> length -> accuracy
     short: dict | None = None  # short-context loss: {"length", "rows", "tokens", "loss", "source"}
     lm_eval: dict[str, dict[str, float]] | None = None  # lm-eval task -> metric -> value
+    heldout: dict[str, dict[int, dict]] = field(default_factory=dict)  # family -> length -> {correct, n, token_acc}
+    external: dict[str, dict[int, float]] = field(default_factory=dict)  # lm-eval RULER task -> length -> score
 
     def summary(self) -> dict:
         s = {"passkey": self.passkey.by_length(), "loss_by_position": self.buckets}
+        if self.heldout:
+            s["heldout"] = self.heldout
+        if self.external:
+            s["external_ruler"] = self.external
         if self.needle is not None:
             s["needle"] = self.needle.by_length()
         if self.ruler:
@@ -81,7 +103,9 @@ class EvalResult:
         data = {"passkey": self.passkey.to_json(), "needle": self.needle.to_json() if self.needle else None,
                 "loss_by_position": self.buckets, "window": self.window,
                 "ruler": {t: {str(n): a for n, a in per.items()} for t, per in self.ruler.items()},
-                "short_context": self.short, "lm_eval": self.lm_eval}
+                "short_context": self.short, "lm_eval": self.lm_eval,
+                "heldout": {f: {str(n): t for n, t in per.items()} for f, per in self.heldout.items()},
+                "external_ruler": {t: {str(n): v for n, v in per.items()} for t, per in self.external.items()}}
         (directory / "eval.json").write_text(json.dumps(data, indent=1))
         if self.losses is not None:
             np.save(directory / "token_losses.npy", self.losses.astype(np.float32), allow_pickle=False)
@@ -96,8 +120,10 @@ class EvalResult:
         lp = directory / "token_losses.npy"
         losses = np.load(lp, allow_pickle=False) if lp.exists() else None
         ruler = {t: {int(n): a for n, a in per.items()} for t, per in data.get("ruler", {}).items()}
+        heldout = {f: {int(n): t for n, t in per.items()} for f, per in data.get("heldout", {}).items()}
+        external = {t: {int(n): v for n, v in per.items()} for t, per in data.get("external_ruler", {}).items()}
         return cls(grid(data["passkey"]), grid(data["needle"]), losses, data["loss_by_position"],
-                   data.get("window", 0), ruler, data.get("short_context"), data.get("lm_eval"))
+                   data.get("window", 0), ruler, data.get("short_context"), data.get("lm_eval"), heldout, external)
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, cache_dir: Path | None = None,
@@ -113,6 +139,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
     builder = ProbeBuilder(tokenizer, heldout)
     lengths = cfg.lengths or doublings(base_window, target)
     kw = dict(trials=cfg.trials, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+    held = heldout_scores(model, tokenizer, lengths, tuple(cfg.heldout), tuple(cfg.heldout_depths),
+                          cfg.heldout_trials, cfg.seed, cfg.batch_size, progress) if cfg.heldout else {}
     passkey = retrieval_grid(model, builder, "passkey", lengths, cfg.depths, **kw)
     needle = retrieval_grid(model, builder, "needle", lengths, cfg.depths, **kw) if cfg.needle else None
     losses, buckets = None, {}
@@ -128,4 +156,4 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
     if cfg.short_rows:
         short = short_context_loss(model, short_stream, base_window, cfg.short_rows, cfg.batch_size, cfg.short_text)
     lm = run_lm_eval(model, tokenizer, cfg.lm_eval_tasks, cfg.lm_eval_limit) if cfg.lm_eval_tasks else None
-    return EvalResult(passkey, needle, losses, buckets, base_window, ruler, short, lm)
+    return EvalResult(passkey, needle, losses, buckets, base_window, ruler, short, lm, held)

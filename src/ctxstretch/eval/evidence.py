@@ -1,0 +1,94 @@
+"""The report's lead: held-out families with probe counts and intervals, and the external RULER suite beside them.
+
+In-format probes (passkey, needle: templates that training rows also use) follow in `report.py`, labelled so."""
+
+from __future__ import annotations
+
+from ..data.families import EVAL_FAMILIES, HELD_OUT, overlap
+from .heldout import mean_token_acc, pooled, rate, wilson
+from .ruler import effective_length
+from .suite import EvalResult
+
+EFFECTIVE_RATIO = 0.85  # effective length: the longest length whose held-out score stays ≥ 85% of the shortest's
+
+
+def heldout_effective_length(r: EvalResult) -> int | None:
+    """Effective length on the pooled held-out families (None without held-out scores or when the shortest fails)."""
+    per = pooled(r.heldout)
+    return effective_length({n: rate(t) for n, t in per.items()}, EFFECTIVE_RATIO) if per else None
+
+
+def _cell(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k / n:.0%} ({k}/{n}; {lo:.0%}–{hi:.0%})" if n else "–"
+
+
+def heldout_section(results: dict[str, EvalResult], window: int) -> list[str]:
+    """Pooled held-out exact match per length (with probes and a 95% Wilson interval), per-family rows, answer-token
+    accuracy and each model's effective length."""
+    scored = {k: r for k, r in results.items() if r.heldout}
+    if not scored:
+        return []
+    names = list(scored)
+    families = sorted({f for r in scored.values() for f in r.heldout}, key=list(EVAL_FAMILIES).index)
+    lengths = sorted({n for r in scored.values() for per in r.heldout.values() for n in per})
+    head = ["| length | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+
+    def mult(n: int) -> str:
+        return f" ({n / window:g}× window)" if window else ""
+
+    lines = ["## Held-out families (headline)", "",
+             f"Families that no training row kind shares a template, filler or task with ({', '.join(families)}; "
+             "see `ctxstretch/data/families.py`), on invented gazetteer prose and UUID tables that no training mix "
+             "reads. Greedy exact match, all families pooled; in brackets correct/probes and the 95% Wilson "
+             "interval.", "", *head]
+    for n in lengths:
+        cells = [_cell(*pooled(r.heldout).get(n, (0, 0))) for r in scored.values()]
+        lines.append(f"| {n:,}{mult(n)} | " + " | ".join(cells) + " |")
+    effs = [heldout_effective_length(r) for r in scored.values()]
+    lines.append(f"| **effective length** (≥ {EFFECTIVE_RATIO:.0%} of the shortest length's score) | "
+                 + " | ".join("–" if e is None else f"{e:,}" for e in effs) + " |")
+    lines += ["", "Per family (exact match; answer-token accuracy in brackets):", "",
+              "| family @ length | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for f in families:
+        for n in lengths:
+            cells = []
+            for r in scored.values():
+                t = r.heldout.get(f, {}).get(n)
+                cells.append("–" if t is None else f"{t['correct'] / t['n']:.0%} ({t['token_acc']:.2f})")
+            lines.append(f"| {f} @ {n:,} | " + " | ".join(cells) + " |")
+    tok = [mean_token_acc(r.heldout) for r in scored.values()]
+    lines.append("| mean answer-token accuracy @ longest | "
+                 + " | ".join(f"{t[max(t)]:.2f}" if t else "–" for t in tok) + " |")
+    return [*lines, ""]
+
+
+def in_format_note() -> str:
+    """Which training row kinds share what with the in-format families (one line for the report)."""
+    parts = []
+    for fam in ("passkey", "needle"):
+        kinds = overlap(fam)
+        same = [k for k, why in kinds.items() if "template" in why or "task" in why]
+        parts.append(f"{fam} shares its template/task with the training row kinds {', '.join(same)}")
+    return ("These probes are in-format: " + "; ".join(parts) + ". A model trained on those rows may have learned "
+            "the format rather than long-range retrieval; read them beside the held-out families above.")
+
+
+def external_section(results: dict[str, EvalResult]) -> list[str]:
+    """lm-evaluation-harness RULER scores per task and length, one column per model."""
+    scored = {k: r for k, r in results.items() if r.external}
+    if not scored:
+        return []
+    names = list(scored)
+    keys = sorted({(t, n) for r in scored.values() for t, per in r.external.items() for n in per})
+    lines = ["## External suite: lm-evaluation-harness RULER", "",
+             "lm-evaluation-harness's own corpus-free RULER tasks, run offline against the saved model directory "
+             "(its score per task and length, 0–1).", "",
+             "| task @ length | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for task, n in keys:
+        cells = [r.external.get(task, {}).get(n) for r in scored.values()]
+        lines.append(f"| {task} @ {n:,} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return [*lines, ""]
+
+
+__all__ = ["HELD_OUT", "external_section", "heldout_effective_length", "heldout_section", "in_format_note"]

@@ -1,0 +1,62 @@
+"""Held-out families (`data/heldout.py`) scored over lengths × depths: counts, not just rates, so a report can show
+how many probes stand behind each number and how sure it is."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from rich.progress import Progress
+
+from ..data.families import HELD_OUT
+from ..data.heldout import HeldoutBuilder
+from ..data.probes import rng_for
+from .passkey import answer_scores
+
+Tally = dict  # {"correct": int, "n": int, "token_acc": float}: exact matches, probes, mean answer-token accuracy
+
+
+def heldout_scores(model, tokenizer, lengths: list[int], families: tuple[str, ...] = HELD_OUT,
+                   depths: tuple[float, ...] = (0.1, 0.5, 0.9), trials: int = 4, seed: int = 0, batch_size: int = 2,
+                   progress: Progress | None = None) -> dict[str, dict[int, Tally]]:
+    """Per family and length: `trials` probes at each depth (evaluation seeds only), greedy exact match."""
+    builder = HeldoutBuilder(tokenizer)
+    out: dict[str, dict[int, Tally]] = {f: {} for f in families}
+    bar = progress.add_task("held-out families", total=len(families) * len(lengths)) if progress else None
+    for n in lengths:
+        for family in families:
+            examples = []
+            for d in depths:
+                rng = rng_for(f"heldout-{family}-{n}-{d}", seed, evaluation=True)
+                examples += [builder.make(family, rng, n, d) for _ in range(trials)]
+            ok, frac = answer_scores(model, examples, batch_size)
+            out[family][n] = {"correct": int(ok.sum()), "n": len(ok), "token_acc": round(float(frac.mean()), 4)}
+            if progress is not None:
+                progress.advance(bar)
+    return out
+
+
+def pooled(scores: dict[str, dict[int, Tally]]) -> dict[int, tuple[int, int]]:
+    """(correct, probes) per length, summed over families."""
+    lengths = sorted({n for per in scores.values() for n in per})
+    return {n: (sum(per[n]["correct"] for per in scores.values() if n in per),
+                sum(per[n]["n"] for per in scores.values() if n in per)) for n in lengths}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion k/n (95% for z = 1.96); (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(t: tuple[int, int]) -> float:
+    return t[0] / t[1] if t[1] else float("nan")
+
+
+def mean_token_acc(scores: dict[str, dict[int, Tally]]) -> dict[int, float]:
+    lengths = sorted({n for per in scores.values() for n in per})
+    return {n: float(np.mean([per[n]["token_acc"] for per in scores.values() if n in per])) for n in lengths}
