@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .eval.evidence import heldout_effective_length
-from .eval.heldout import pooled
+from .eval.heldout import pooled_token
 from .eval.report import write_report
 from .eval.suite import EvalResult
 from .models import load_config, resolve
@@ -154,8 +154,9 @@ def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int,
              f"Model `{settings.get('model', 'embedded')}` (window {window:,}) → target {goal:,}"
              + (f", evaluated up to {target:,}" if target != goal else "") + "; settings "
              f"`{json.dumps(settings)}`. Wall time counts the recipe's stages (training, data building, merging), "
-             "not evaluation; Δ columns are against the base, whose row gives its own loss. Held-out: the pooled "
-             "held-out families (no training row kind shares their template, filler or task), correct/probes; "
+             "not evaluation; Δ columns are against the base, whose row gives its own loss. Held-out: answer-token "
+             "accuracy on the pooled held-out families (no training row kind shares their template, filler or task), "
+             "± its 95% interval (probes); "
              "recipes are ranked by it. Passkey and needle are in-format (training rows use their templates). "
              "FLOPs per trained token: 6·N + 12·layers·row·heads·head_dim (`ctxstretch plan`).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
@@ -175,13 +176,13 @@ def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int,
 
 
 def _held(r: EvalResult, n: int) -> float | None:
-    k, total = pooled(r.heldout).get(n, (0, 0))
-    return k / total if total else None
+    t = pooled_token(r.heldout).get(n)
+    return None if t is None else t[0]
 
 
 def _count(r: EvalResult, n: int) -> str:
-    k, total = pooled(r.heldout).get(n, (0, 0))
-    return f"{k / total:.0%} ({k}/{total})" if total else "–"
+    t = pooled_token(r.heldout).get(n)
+    return "–" if t is None else f"{t[0]:.2f} ± {t[1]:.2f} ({t[2]})"
 
 
 def _num_int(x: int | None) -> str:

@@ -5,7 +5,7 @@ In-format probes (passkey, needle: templates that training rows also use) follow
 from __future__ import annotations
 
 from ..data.families import EVAL_FAMILIES, HELD_OUT, overlap
-from .heldout import mean_token_acc, pooled, rate, wilson
+from .heldout import pooled, pooled_token, wilson
 from .ruler import effective_length
 from .suite import EvalResult
 
@@ -14,13 +14,17 @@ EFFECTIVE_RATIO = 0.85  # effective length: the longest length whose held-out sc
 
 def heldout_effective_length(r: EvalResult) -> int | None:
     """Effective length on the pooled held-out families (None without held-out scores or when the shortest fails)."""
-    per = pooled(r.heldout)
-    return effective_length({n: rate(t) for n, t in per.items()}, EFFECTIVE_RATIO) if per else None
+    per = pooled_token(r.heldout)
+    return effective_length({n: t[0] for n, t in per.items()}, EFFECTIVE_RATIO) if per else None
 
 
 def _cell(k: int, n: int) -> str:
     lo, hi = wilson(k, n)
     return f"{k / n:.0%} ({k}/{n}; {lo:.0%}–{hi:.0%})" if n else "–"
+
+
+def _token_cell(t: tuple[float, float, int] | None) -> str:
+    return "–" if t is None else f"{t[0]:.2f} ± {t[1]:.2f} ({t[2]} probes)"
 
 
 def heldout_section(results: dict[str, EvalResult], window: int) -> list[str]:
@@ -40,26 +44,28 @@ def heldout_section(results: dict[str, EvalResult], window: int) -> list[str]:
     lines = ["## Held-out families (headline)", "",
              f"Families that no training row kind shares a template, filler or task with ({', '.join(families)}; "
              "see `ctxstretch/data/families.py`), on invented gazetteer prose and UUID tables that no training mix "
-             "reads. Greedy exact match, all families pooled; in brackets correct/probes and the 95% Wilson "
-             "interval.", "", *head]
+             "reads. Score: answer-token accuracy (the share of answer tokens that are the greedy choice, "
+             "teacher-forced), all families pooled, ± its 95% interval over the probes.", "", *head]
     for n in lengths:
-        cells = [_cell(*pooled(r.heldout).get(n, (0, 0))) for r in scored.values()]
+        cells = [_token_cell(pooled_token(r.heldout).get(n)) for r in scored.values()]
         lines.append(f"| {n:,}{mult(n)} | " + " | ".join(cells) + " |")
     effs = [heldout_effective_length(r) for r in scored.values()]
     lines.append(f"| **effective length** (≥ {EFFECTIVE_RATIO:.0%} of the shortest length's score) | "
                  + " | ".join("–" if e is None else f"{e:,}" for e in effs) + " |")
-    lines += ["", "Per family (exact match; answer-token accuracy in brackets):", "",
+    lines += ["", "Whole answers exactly right (greedy exact match), pooled: correct/probes and the 95% Wilson "
+              "interval.", "", *head]
+    for n in lengths:
+        cells = [_cell(*pooled(r.heldout).get(n, (0, 0))) for r in scored.values()]
+        lines.append(f"| {n:,}{mult(n)} | " + " | ".join(cells) + " |")
+    lines += ["", "Per family (answer-token accuracy; exact match in brackets):", "",
               "| family @ length | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for f in families:
         for n in lengths:
             cells = []
             for r in scored.values():
                 t = r.heldout.get(f, {}).get(n)
-                cells.append("–" if t is None else f"{t['correct'] / t['n']:.0%} ({t['token_acc']:.2f})")
+                cells.append("–" if t is None else f"{t['token_acc']:.2f} ({t['correct']}/{t['n']})")
             lines.append(f"| {f} @ {n:,} | " + " | ".join(cells) + " |")
-    tok = [mean_token_acc(r.heldout) for r in scored.values()]
-    lines.append("| mean answer-token accuracy @ longest | "
-                 + " | ".join(f"{t[max(t)]:.2f}" if t else "–" for t in tok) + " |")
     return [*lines, ""]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from rich.progress import Progress
 
 from ..data.families import HELD_OUT
@@ -13,7 +12,10 @@ from ..data.heldout import HeldoutBuilder
 from ..data.probes import rng_for
 from .passkey import answer_scores
 
-Tally = dict  # {"correct": int, "n": int, "token_acc": float}: exact matches, probes, mean answer-token accuracy
+# {"correct": int, "n": int, "token_acc": float, "token_sd": float}: exact matches, probes, and the mean and standard
+# deviation over probes of the answer-token accuracy (the share of answer tokens that are the greedy argmax,
+# teacher-forced) — the headline score, since a whole answer exactly right is rare for small models
+Tally = dict
 
 
 def heldout_scores(model, tokenizer, lengths: list[int], families: tuple[str, ...] = HELD_OUT,
@@ -30,7 +32,8 @@ def heldout_scores(model, tokenizer, lengths: list[int], families: tuple[str, ..
                 rng = rng_for(f"heldout-{family}-{n}-{d}", seed, evaluation=True)
                 examples += [builder.make(family, rng, n, d) for _ in range(trials)]
             ok, frac = answer_scores(model, examples, batch_size)
-            out[family][n] = {"correct": int(ok.sum()), "n": len(ok), "token_acc": round(float(frac.mean()), 4)}
+            out[family][n] = {"correct": int(ok.sum()), "n": len(ok), "token_acc": round(float(frac.mean()), 4),
+                              "token_sd": round(float(frac.std(ddof=1)) if len(frac) > 1 else 0.0, 4)}
             if progress is not None:
                 progress.advance(bar)
     return out
@@ -53,10 +56,15 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def rate(t: tuple[int, int]) -> float:
-    return t[0] / t[1] if t[1] else float("nan")
-
-
-def mean_token_acc(scores: dict[str, dict[int, Tally]]) -> dict[int, float]:
-    lengths = sorted({n for per in scores.values() for n in per})
-    return {n: float(np.mean([per[n]["token_acc"] for per in scores.values() if n in per])) for n in lengths}
+def pooled_token(scores: dict[str, dict[int, Tally]], z: float = 1.96) -> dict[int, tuple[float, float, int]]:
+    """Per length, over the probes of every family: (mean answer-token accuracy, half-width of its 95% normal
+    interval, probes)."""
+    out = {}
+    for n in sorted({n for per in scores.values() for n in per}):
+        cells = [per[n] for per in scores.values() if n in per]
+        total = sum(c["n"] for c in cells)
+        mean = sum(c["n"] * c["token_acc"] for c in cells) / total
+        ss = sum((c["n"] - 1) * c.get("token_sd", 0.0) ** 2 + c["n"] * (c["token_acc"] - mean) ** 2 for c in cells)
+        sd = math.sqrt(ss / (total - 1)) if total > 1 else 0.0
+        out[n] = (mean, z * sd / math.sqrt(total), total)
+    return out
