@@ -117,8 +117,11 @@ def eval_cmd(
     short_rows: Annotated[int, typer.Option(help="held-out rows of the model's window for the short-context loss "
                                             "(0: skip)")] = 16,
     short_text: Annotated[str, typer.Option(help="held-out short text: 'embedded' or a file/folder")] = "embedded",
-    lm_eval_tasks: Annotated[str | None, typer.Option(help="lm-evaluation-harness tasks, e.g. hellaswag,arc_easy "
-                                                      "(needs the [lmeval] extra)")] = None,
+    lm_eval_tasks: Annotated[str | None, typer.Option(help="lm-evaluation-harness tasks: its corpus-free RULER tasks "
+                                                      "(niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,"
+                                                      "ruler_cwe,ruler_fwe: at --lengths, in lm-eval's own "
+                                                      "environment, built on first use) or short-context ones, e.g. "
+                                                      "hellaswag (needs the [lmeval] extra)")] = None,
     lm_eval_limit: Annotated[int | None, typer.Option(help="examples per lm-eval task")] = None,
     backend: Annotated[str, typer.Option(help="transformers, or vllm (GPU; needs vllm installed)")] = "transformers",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -133,6 +136,7 @@ def eval_cmd(
 
         from .config import parse
         from .data.ruler import TASKS
+        from .eval import lmeval_ruler
         from .eval.backend import check_backend
         from .eval.report import write_report
         from .eval.short import require_lm_eval
@@ -141,7 +145,9 @@ def eval_cmd(
         from .rope import original_window
         from .train.loop import resolve_device
 
-        lm_tasks = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+        asked = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+        ruler_tasks = [t for t in asked if t in lmeval_ruler.TASKS]  # run in lm-eval's own environment
+        lm_tasks = [t for t in asked if t not in lmeval_ruler.TASKS]
         check_backend(backend)  # missing extras fail in the first second
         if lm_tasks:
             require_lm_eval()
@@ -154,6 +160,8 @@ def eval_cmd(
         path = resolve(model)
         window = original_window(load_config(path, trust_remote_code))
         lens = _ints(lengths) or doublings(max(64, window // 4), max(window * 2, 512))
+        if ruler_tasks:
+            lmeval_ruler.check_tasks(ruler_tasks, lens)
         cfg = parse(EvalConfig, {"lengths": lens, "trials": trials, "ruler": tasks, "short_rows": short_rows,
                                  "short_text": short_text, "lm_eval_tasks": lm_tasks, "lm_eval_limit": lm_eval_limit},
                     "command line")
@@ -164,6 +172,9 @@ def eval_cmd(
 
         with Progress(console=console) as progress:
             res = evaluate(m, tok, cfg, window, max(lens), None, progress)
+        if ruler_tasks:
+            console.print(f"lm-eval RULER: {', '.join(ruler_tasks)} at {lens} (its own environment, offline)")
+            res.external = lmeval_ruler.run_ruler(path, ruler_tasks, lens, lm_eval_limit or 4, out / "lm-eval")
         res.save(out)
         report = write_report(out, f"ctxstretch eval: {model}", [f"- window {window:,}; lengths {lens}"],
                               {Path(model).name or "model": res}, window)
