@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..train.loss import chunked_token_losses, final_hidden, supports_chunked_head
+
 
 def default_buckets(length: int, base_window: int) -> list[tuple[int, int]]:
     """[0, L0), then doubling ranges up to `length`: (0,256), (256,512), …, (L/2, L)."""
@@ -17,17 +19,24 @@ def default_buckets(length: int, base_window: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def token_losses(model, stream: np.ndarray, length: int, rows: int, batch_size: int = 1) -> np.ndarray:
-    """Per-token loss (nats) at positions 1..length-1 for `rows` consecutive held-out rows, shape (rows, length-1)."""
+    """Per-token loss (nats) at positions 1..length-1 for `rows` consecutive held-out rows, shape (rows, length-1).
+
+    Peak memory is linear in `length`: the LM head runs over chunks of tokens (`train.loss.chunked_token_losses`)."""
     if len(stream) < length:
         raise ValueError(f"held-out text has {len(stream)} tokens, fewer than one row of {length}")
     rows = min(rows, len(stream) // length)
     device = next(model.parameters()).device
     data = torch.tensor(np.asarray(stream[: rows * length], dtype=np.int64).reshape(rows, length))
+    chunked = supports_chunked_head(model)
     out = []
     for i in range(0, rows, batch_size):
         ids = data[i : i + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        if chunked:  # the head in chunks of tokens: never (rows, length, V) fp32 logits
+            hidden = final_hidden(model, input_ids=ids, attention_mask=torch.ones_like(ids))
+            loss = chunked_token_losses(model.get_output_embeddings(), hidden[:, :-1], ids[:, 1:])
+        else:
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         out.append(loss.cpu().numpy())
     return np.concatenate(out)
 

@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from ..atomic import writing
 from ..config import ConfigError, TrainConfig, UserError
 from ..data.probes import IGNORE
-from ..masking import mask_for_model
+from ..masking import attention_inputs, use_document_attention
+from .loss import chunked_weighted_loss, final_hidden, supports_chunked_head
 
 Batch = dict[str, torch.Tensor]
 BatchFn = Callable[[int], Batch]
@@ -290,17 +291,19 @@ def _micro_step(accelerator: Accelerator, model, base, b: Batch, cfg: TrainConfi
         return loss.item()
     if cfg.attn_implementation == "flash_attention_2":
         _check_varlen_positions(b["segment_ids"], b["position_ids"])
-        mask = None
-    else:
-        mask = mask_for_model(base, b["segment_ids"])
+        attn: dict = {"attention_mask": None}
+    else:  # plain causal, per-document spans or (eager, odd segment ids) a dense mask; see ctxstretch.masking
+        attn = attention_inputs(base, b["segment_ids"], b["labels"])
+    inputs = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], **attn}
     with accelerator.autocast():
         if cfg.fused_loss == "liger":  # token mean of the local rows; exact when each process holds one row
-            out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=mask,
-                        labels=b["labels"], use_cache=False)
+            out = model(**inputs, labels=b["labels"], use_cache=False)
             loss = out.loss * b["weights"].sum()
+        elif supports_chunked_head(base):  # the LM head + loss in chunks: no (B, T, V) logits
+            hidden = final_hidden(model, **inputs)
+            loss = chunked_weighted_loss(base.get_output_embeddings(), hidden, b["shift_labels"], b["weights"])
         else:
-            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=mask,
-                           use_cache=False).logits
+            logits = model(**inputs, use_cache=False).logits
             loss = weighted_loss(logits, b["shift_labels"], b["weights"])
     accelerator.backward(loss * scale)
     return loss.item()
@@ -360,6 +363,8 @@ def train_stage(
             _truncate_metrics(metrics_path, start)
     if stopped:  # the stage had already met its stopping rule
         return model.eval()
+    # packed rows without T × T masks (not under torch.compile: per-row document spans would recompile every step)
+    restore_attn = use_document_attention(model) if lay.cp == 1 and not cfg.torch_compile else None
     _deepspeed_fill(accelerator, cfg, max(1, cfg.batch_size // lay.dp))
     base = model
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -418,6 +423,8 @@ def train_stage(
                 break
     model = accelerator.unwrap_model(model)
     model.eval()
+    if restore_attn is not None:
+        model.set_attn_implementation(restore_attn)
     if cfg.gradient_checkpointing and not fsdp_ckpt:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     return model

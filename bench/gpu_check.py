@@ -1,0 +1,180 @@
+"""GPU readiness check for memory-linear long rows, one table: FA2 varlen (position gaps) against sdpa per-document
+attention, the chunked LM-head loss against the plain loss, and bf16 training steps of a ~1B Llama-shaped model
+(random init, no downloads) at 8K and 32K tokens — tokens/s and `torch.cuda.max_memory_allocated`.
+
+    bash bench/gpu_check.sh [--dry-run]        # or: PYTHONPATH=src python bench/gpu_check.py [--dry-run]
+
+Without CUDA (or with --dry-run) every check runs at tiny sizes on the CPU (FA2 reported as skipped).
+The step is the one `train_stage` takes (its batch split, attention inputs, chunked loss, AdamW) without
+accelerate's wrapping and checkpoint writing, which would save 13 GB per run for the 1B model.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from ctxstretch.masking import attention_inputs, use_document_attention  # noqa: E402
+from ctxstretch.train.loop import Layout, _param_groups, local_batch, token_weights, weighted_loss  # noqa: E402
+from ctxstretch.train.loss import chunked_weighted_loss, final_hidden  # noqa: E402
+
+GB = 1024**3
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model shape and row lengths of one mode (GPU: TinyLlama-1.1B's shape; dry: tiny)."""
+
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    step_lengths: tuple[int, ...]
+    compare_length: int
+    steps: int
+
+
+GPU = Sizes(2048, 5632, 22, 32, 4, 32000, (8192, 32768), 4096, 3)
+DRY = Sizes(64, 128, 2, 4, 2, 512, (256, 512), 256, 2)
+
+
+def llama(s: Sizes, device: str, layers: int | None = None, attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised Llama of shape `s`, built directly on `device` (fp32 weights)."""
+    cfg = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.ffn,
+                      num_hidden_layers=layers or s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                      max_position_embeddings=65536, rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+                      tie_word_embeddings=False, attn_implementation=attn)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg)
+
+
+def packed_row(length: int, vocab: int, docs: int, gap: int, device) -> dict[str, torch.Tensor]:
+    """(1, length) fields: `docs` documents, positions restarting at 0 per document with a `gap` jump halfway
+    through each (a PoSE/LongRecipe gap, never a document boundary); labels IGNORE on each document's first token."""
+    g = torch.Generator().manual_seed(length + docs)
+    ids = torch.randint(1, vocab, (length,), generator=g)
+    labels, seg, pos = ids.clone(), torch.zeros(length, dtype=torch.long), torch.arange(length)
+    bounds = torch.linspace(0, length, docs + 1).long().tolist()
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        n = e - s
+        seg[s:e], pos[s:e], labels[s] = i, torch.arange(n) + gap * (torch.arange(n) >= n // 2), -100
+    return {k: v[None].to(device) for k, v in
+            {"input_ids": ids, "labels": labels, "segment_ids": seg, "position_ids": pos}.items()}
+
+
+def check_fa2(s: Sizes, device: str) -> tuple[str, str, str]:
+    name = "FA2 varlen (gaps) vs sdpa per-document logits"
+    if device != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        return name, "skipped: no flash-attn/CUDA", "skip"
+    row = packed_row(s.compare_length, s.vocab, 3, 1000, device)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        sdpa = llama(s, device, layers=2).eval()
+        use_document_attention(sdpa)
+        ref = sdpa(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False,
+                   **attention_inputs(sdpa, row["segment_ids"])).logits.float()
+        fa = llama(s, device, layers=2, attn="flash_attention_2").eval()
+        got = fa(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False).logits.float()
+    rel = float((got - ref).abs().max() / ref.abs().max())
+    return name, f"max |Δ| / max |logit| = {rel:.2e}", "ok" if rel < 2e-2 else "FAIL"
+
+
+def check_loss(s: Sizes, device: str) -> tuple[str, str, str]:
+    """fp32, 2 layers: chunked head + loss against full logits + `weighted_loss`, value and gradients."""
+    model = llama(s, device, layers=2).train()
+    row = packed_row(s.compare_length, s.vocab, 2, 0, device)
+    shifted, weights = token_weights(row["labels"])
+    inputs = {"input_ids": row["input_ids"], "position_ids": row["position_ids"],
+              **attention_inputs(model, row["segment_ids"])}
+    plain = weighted_loss(model(**inputs, use_cache=False).logits, shifted, weights)
+    plain.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    chunked = chunked_weighted_loss(model.lm_head, final_hidden(model, **inputs), shifted, weights,
+                                     chunk_tokens=s.compare_length // 3)
+    chunked.backward()
+    rel = abs(chunked.item() - plain.item()) / abs(plain.item())
+    grad = max(float((p.grad - w).abs().max() / w.abs().max().clamp(min=1e-12))
+               for p, w in zip(model.parameters(), want, strict=True))
+    ok = rel < 1e-5 and grad < 1e-3
+    return "chunked vs plain loss (fp32)", f"loss rel Δ {rel:.1e}, max grad rel Δ {grad:.1e}", "ok" if ok else "FAIL"
+
+
+def step_rate(s: Sizes, model: LlamaForCausalLM, opt: torch.optim.Optimizer, length: int, docs: int,
+              device: str) -> tuple[str, str, str]:
+    """bf16 autocast training steps on one row: tokens/s over `s.steps` steps after one warm-up, peak memory."""
+    row = {k: v.cpu() for k, v in packed_row(length, s.vocab, docs, 0, "cpu").items()}
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> None:
+        b = local_batch(row, Layout(), device)
+        inputs = {"input_ids": b["input_ids"], "position_ids": b["position_ids"],
+                  **attention_inputs(model, b["segment_ids"], b["labels"])}
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = chunked_weighted_loss(model.lm_head, final_hidden(model, **inputs), b["shift_labels"],
+                                         b["weights"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(s.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    rate = length * s.steps / (time.perf_counter() - t0)
+    peak = f", peak {torch.cuda.max_memory_allocated() / GB:.1f} GiB" if cuda else ""
+    params = sum(p.numel() for p in model.parameters())
+    size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
+    name = f"bf16 step, {size} Llama, T={length:,}, {docs} doc(s)"
+    return name, f"{rate:,.0f} tok/s{peak}", "ok"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    s = GPU if device == "cuda" else DRY
+    t0 = time.perf_counter()
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU dry run (tiny sizes)"
+    print(f"{where}; torch {torch.__version__}\n", flush=True)
+    results = [check_fa2(s, device), check_loss(s, device)]
+    model = llama(s, device).train()
+    use_document_attention(model)
+    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-5, fused=device == "cuda")
+    for length in s.step_lengths:
+        for docs in (1, 2):
+            try:
+                results.append(step_rate(s, model, opt, length, docs, device))
+            except torch.cuda.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                results.append((f"bf16 step, T={length:,}, {docs} doc(s)", "out of memory", "FAIL"))
+    print("| check | result | status |\n|---|---|---|")
+    for name, value, status in results:
+        print(f"| {name} | {value} | {status} |")
+    print(f"\n{time.perf_counter() - t0:.0f} s")
+    if any(status == "FAIL" for *_, status in results):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
