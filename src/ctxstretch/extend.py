@@ -16,6 +16,7 @@ from rich.console import Console
 
 from .config import ConfigError, Strict, TrainConfig, parse
 from .data.mix import ROW_KINDS
+from .eval.heldout import pooled_token
 from .eval.suite import EvalConfig, EvalResult
 from .models import load_config, resolve
 from .positions import METHODS as POSITION_METHODS
@@ -106,8 +107,6 @@ def run_extend(cfg: ExtendConfig, out: Path, resume: bool = False, force: bool =
 
 def target_checks(base: EvalResult, ext: EvalResult, window: int, target: int) -> list[tuple[str, bool, str]]:
     """The default recipe's claims, measured on the held-out families (pooled answer-token accuracy)."""
-    from .eval.heldout import pooled_token
-
     b, e = pooled_token(base.heldout), pooled_token(ext.heldout)
     checks = []
     if window in b and window in e:

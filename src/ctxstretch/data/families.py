@@ -27,8 +27,7 @@ class Family:
     templates: tuple[str, ...] = ()
 
 
-_NIAH = (ruler._KV, "\nWhat is the special magic number for {w}? The special magic number for {w} is",
-         "\nWhat are all the special magic numbers for {w}? The special magic numbers mentioned in the text are")
+_NIAH = (ruler.NIAH_NEEDLE, ruler.NIAH_ASK_ONE, ruler.NIAH_ASK_ALL)
 
 # Every row kind a training mix can draw (`data/mix.py` ROW_KINDS) and every probe kind `ctxstretch data probes`
 # writes as training rows (`data/ruler.py` PROBE_KINDS).
@@ -44,10 +43,9 @@ TRAINING_KINDS: dict[str, Family] = {
     "niah_multikey": Family("keyed number retrieval", "embedded corpus", _NIAH),
     "niah_multivalue": Family("keyed number retrieval", "embedded corpus", _NIAH),
     "niah_multiquery": Family("keyed number retrieval", "embedded corpus", _NIAH),
-    "vt": Family("variable tracking", "embedded corpus",
-                 ("\nVAR {a} = {b}.\n", "\nFind all variables that are assigned the value {v}. Answer: they are")),
-    "cwe": Family("word counting", "random words", ("\nWhat are the 3 most common words above? Answer: they are",)),
-    "fwe": Family("word counting", "random words", ("\nWhat are the 3 most frequent words above? Answer: they are",)),
+    "vt": Family("variable tracking", "embedded corpus", (ruler.VT_VALUE, ruler.VT_CHAIN, ruler.VT_ASK)),
+    "cwe": Family("word counting", "random words", (ruler.CWE_ASK,)),
+    "fwe": Family("word counting", "random words", (ruler.FWE_ASK,)),
     "synl": Family("table question answering", "synthetic tables", (synl.INTRO, synl.QUESTION)),
     "selfinstruct": Family("document question answering", "embedded corpus",
                            (selfinstruct.ROW_QUESTION, selfinstruct.CHECK_PROMPT)),

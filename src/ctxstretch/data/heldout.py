@@ -24,6 +24,7 @@ FAMILIES = ("first_sentence", "kv_uuid", "doc_fact")
 FIRST_SENTENCE_ASK = "\n\nThe opening sentence of this document, quoted exactly:\n"
 KV_OPEN = "JSON data:\n{\n"
 KV_LINE = '"{key}": "{value}",\n'
+_KV_PRE, _KV_POST = KV_LINE.split("{value}")
 KV_ASK = '}}\n\nLooking up the key "{key}" in the object above gives "'
 FACT = " The {society} of {town} gathers every week in the house of{person}."  # {person}: " First Last"
 FACT_ASK = "\n\nAs the gazetteer records, the {society} of {town} gathers in the house of"
@@ -73,7 +74,7 @@ class HeldoutBuilder:
         budget = length - len(head) - len(self.ids(KV_ASK.format(key=uuid_string(rng)))) - 8
         while True:
             key, value = uuid_string(rng), _hex(rng, 8)
-            pre, post = self.ids(KV_LINE.split("{value}")[0].format(key=key)), self.p.enc('",\n')
+            pre, post = self.ids(_KV_PRE.format(key=key)), self.p.enc(_KV_POST)
             val = self.ids(value)
             if used + len(pre) + len(val) + len(post) > budget:
                 break

@@ -12,7 +12,15 @@ from .probes import Example, ProbeBuilder, random_word
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 
-_KV = "\nOne of the special magic numbers for {word} is: {value}.\n"
+NIAH_NEEDLE = "\nOne of the special magic numbers for {word} is: {value}.\n"
+NIAH_ASK_ONE = "\nWhat is the special magic number for {word}? The special magic number for {word} is"
+NIAH_ASK_ALL = ("\nWhat are all the special magic numbers for {words}? "
+                "The special magic numbers mentioned in the text are")
+VT_VALUE = "\nVAR {name} = {value}.\n"
+VT_CHAIN = "\nVAR {name} = VAR {prev}.\n"
+VT_ASK = "\nFind all variables that are assigned the value {value}. Answer: they are"
+CWE_ASK = "\nWhat are the 3 most common words above? Answer: they are"
+FWE_ASK = "\nWhat are the 3 most frequent words above? Answer: they are"
 
 
 class RulerBuilder:
@@ -35,17 +43,16 @@ class RulerBuilder:
         needles, depths = [], []
         for w, vals in table.items():
             for v in vals:
-                needles.append(self.p.enc(_KV.format(word=w, value=v)))
+                needles.append(self.p.enc(NIAH_NEEDLE.format(word=w, value=v)))
                 depths.append(float(rng.random()))
         asked = words[:queries]
         # values are answered in the order they appear in the text
         flat = [(w, v) for w, vals in table.items() for v in vals]
         answer_vals = [flat[i][1] for i in np.argsort(depths, kind="stable") if flat[i][0] in asked]
         if queries == 1 and values == 1:
-            question = f"\nWhat is the special magic number for {asked[0]}? The special magic number for {asked[0]} is"
+            question = NIAH_ASK_ONE.format(word=asked[0])
         else:
-            question = (f"\nWhat are all the special magic numbers for {', '.join(asked)}? "
-                        "The special magic numbers mentioned in the text are")
+            question = NIAH_ASK_ALL.format(words=", ".join(asked))
         answer = " " + ", ".join(answer_vals) + "."
         hay = self.p.text_haystack(rng, length)
         return self.p.assemble(hay, [], needles, depths, self.p.enc(question), self.p.enc(answer), length)
@@ -70,10 +77,10 @@ class RulerBuilder:
         """Variable tracking: a chain VAR A = 12345, VAR B = VAR A, …; name every variable bound to the value."""
         value = self._number(rng)
         names = [w.upper() for w in dict.fromkeys(random_word(rng, 3, 5) for _ in range(hops * 2))][: hops + 1]
-        stmts = [f"\nVAR {names[0]} = {value}.\n"] + [f"\nVAR {names[i]} = VAR {names[i - 1]}.\n"
-                                                      for i in range(1, len(names))]
+        stmts = [VT_VALUE.format(name=names[0], value=value)] + [VT_CHAIN.format(name=names[i], prev=names[i - 1])
+                                                                 for i in range(1, len(names))]
         depths = sorted(float(x) for x in rng.random(len(stmts)))
-        question = f"\nFind all variables that are assigned the value {value}. Answer: they are"
+        question = VT_ASK.format(value=value)
         answer = " " + ", ".join(names) + "."
         hay = self.p.text_haystack(rng, length)
         return self.p.assemble(hay, [], [self.p.enc(s) for s in stmts], depths, self.p.enc(question),
@@ -104,15 +111,14 @@ class RulerBuilder:
         counts = Counter({w: 30 - 3 * i for i, w in enumerate(common)})
         for _ in range(max(1, length // 8)):
             counts[random_word(rng)] += 1
-        return self._word_list(rng, length, counts, "\nWhat are the 3 most common words above? Answer: they are", top)
+        return self._word_list(rng, length, counts, CWE_ASK, top)
 
     def fwe(self, rng, length, top: int = 3):
         """Frequent-word extraction: words drawn from a Zipf distribution; name the most frequent."""
         vocab = list(dict.fromkeys(random_word(rng) for _ in range(64)))
         draws = np.minimum(rng.zipf(1.6, size=max(8, length // 4)), len(vocab)) - 1
         counts = Counter(vocab[i] for i in draws)
-        return self._word_list(rng, length, counts,
-                               "\nWhat are the 3 most frequent words above? Answer: they are", top)
+        return self._word_list(rng, length, counts, FWE_ASK, top)
 
 
 PROBE_KINDS = ("passkey", "needle", *TASKS)

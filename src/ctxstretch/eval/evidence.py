@@ -4,7 +4,7 @@ In-format probes (passkey, needle: templates that training rows also use) follow
 
 from __future__ import annotations
 
-from ..data.families import EVAL_FAMILIES, HELD_OUT, overlap
+from ..data.families import EVAL_FAMILIES, overlap
 from .heldout import pooled, pooled_token, wilson
 from .ruler import effective_length
 from .suite import EvalResult
@@ -28,8 +28,8 @@ def _token_cell(t: tuple[float, float, int] | None) -> str:
 
 
 def heldout_section(results: dict[str, EvalResult], window: int) -> list[str]:
-    """Pooled held-out exact match per length (with probes and a 95% Wilson interval), per-family rows, answer-token
-    accuracy and each model's effective length."""
+    """Pooled answer-token accuracy per length (± its 95% interval, with the probe count) and each model's effective
+    length; then pooled exact match with its Wilson interval; then one row per family and length."""
     scored = {k: r for k, r in results.items() if r.heldout}
     if not scored:
         return []
@@ -37,6 +37,8 @@ def heldout_section(results: dict[str, EvalResult], window: int) -> list[str]:
     families = sorted({f for r in scored.values() for f in r.heldout}, key=list(EVAL_FAMILIES).index)
     lengths = sorted({n for r in scored.values() for per in r.heldout.values() for n in per})
     head = ["| length | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    tokens = [pooled_token(r.heldout) for r in scored.values()]
+    exact = [pooled(r.heldout) for r in scored.values()]
 
     def mult(n: int) -> str:
         return f" ({n / window:g}× window)" if window else ""
@@ -47,7 +49,7 @@ def heldout_section(results: dict[str, EvalResult], window: int) -> list[str]:
              "reads. Score: answer-token accuracy (the share of answer tokens that are the greedy choice, "
              "teacher-forced), all families pooled, ± its 95% interval over the probes.", "", *head]
     for n in lengths:
-        cells = [_token_cell(pooled_token(r.heldout).get(n)) for r in scored.values()]
+        cells = [_token_cell(t.get(n)) for t in tokens]
         lines.append(f"| {n:,}{mult(n)} | " + " | ".join(cells) + " |")
     effs = [heldout_effective_length(r) for r in scored.values()]
     lines.append(f"| **effective length** (≥ {EFFECTIVE_RATIO:.0%} of the shortest length's score) | "
@@ -55,7 +57,7 @@ def heldout_section(results: dict[str, EvalResult], window: int) -> list[str]:
     lines += ["", "Whole answers exactly right (greedy exact match), pooled: correct/probes and the 95% Wilson "
               "interval.", "", *head]
     for n in lengths:
-        cells = [_cell(*pooled(r.heldout).get(n, (0, 0))) for r in scored.values()]
+        cells = [_cell(*e.get(n, (0, 0))) for e in exact]
         lines.append(f"| {n:,}{mult(n)} | " + " | ".join(cells) + " |")
     lines += ["", "Per family (answer-token accuracy; exact match in brackets):", "",
               "| family @ length | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -96,5 +98,3 @@ def external_section(results: dict[str, EvalResult]) -> list[str]:
         lines.append(f"| {task} @ {n:,} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
     return [*lines, ""]
 
-
-__all__ = ["HELD_OUT", "external_section", "heldout_effective_length", "heldout_section", "in_format_note"]
