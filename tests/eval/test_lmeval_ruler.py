@@ -1,10 +1,13 @@
-"""lm-evaluation-harness's RULER tasks as an external suite: the command line, the results parsing, bad input, and
-one real offline run on the embedded model (slow: builds lm-eval's own environment on first use)."""
+"""lm-evaluation-harness 0.4.13's RULER tasks (eval/lmeval_ruler.py): results parsing, refused inputs, the
+environment's reuse, the command line, and one real offline run of `ctxstretch eval` on the embedded model (slow:
+builds lm-eval's own environment on first use)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,31 +16,100 @@ from typer.testing import CliRunner
 from ctxstretch.cli import app
 from ctxstretch.config import ConfigError
 from ctxstretch.eval import lmeval_ruler as lr
+from ctxstretch.tiny import MODEL_DIR
+
+# the shape of a real results_*.json of `--tasks niah_single_1,ruler_vt --metadata '{"max_seq_lengths":[1024]}'`
+# (trimmed: configs, env info); the metric of a length is "<length>,none", and 4096 is lm-eval's -1 placeholder
+RESULTS = {
+    "results": {
+        "niah_single_1": {"name": "niah_single_1", "alias": "niah_single_1", "sample_len": 2, "4096,none": -1,
+                          "4096_stderr,none": "N/A", "1024,none": 0.5, "1024_stderr,none": 0.5},
+        "ruler_vt": {"name": "ruler_vt", "alias": "ruler_vt", "sample_len": 2, "4096,none": -1,
+                     "4096_stderr,none": "N/A", "1024,none": 0.1, "1024_stderr,none": 0.1},
+    },
+    "group_subtasks": {"niah_single_1": [], "ruler_vt": []},
+    "n-samples": {"niah_single_1": {"original": 500, "effective": 2}, "ruler_vt": {"original": 500, "effective": 2}},
+    "lm_eval_version": "0.4.13",
+    "max_length": 1280,
+}
 
 
-def test_command_uses_the_local_tokenizer_one_length_and_room_for_the_answer(tmp_path):
-    cmd = lr.command(Path("python"), tmp_path / "m", "niah_single_1", 2048, 3, tmp_path / "o", "float32")
-    args = cmd[cmd.index("--model_args") + 1]
-    assert f"tokenizer={tmp_path / 'm'}" in args and f"max_length={2048 + lr.GEN_MARGIN}" in args
-    assert json.loads(cmd[cmd.index("--metadata") + 1]) == {"max_seq_lengths": [2048]}
-    assert cmd[cmd.index("--limit") + 1] == "3"
+def test_scores_are_read_per_task_and_length():
+    assert lr.scores_from_results(RESULTS, ["niah_single_1", "ruler_vt"], [1024]) == {
+        "niah_single_1": {1024: 0.5}, "ruler_vt": {1024: 0.1}}
+    with pytest.raises(ConfigError, match="no score at length 4096"):  # the -1 placeholder: never run
+        lr.scores_from_results(RESULTS, ["niah_single_1"], [4096])
+    with pytest.raises(ConfigError, match="no results for task ruler_cwe"):
+        lr.scores_from_results(RESULTS, ["ruler_cwe"], [1024])
 
 
-def test_results_are_read_by_length(tmp_path):
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps({"results": {"niah_single_1": {"alias": "niah_single_1", "sample_len": 2,
-                                                              "4096,none": -1, "512,none": 0.5,
-                                                              "512_stderr,none": 0.1}}}))
-    assert lr.parse_results(path, "niah_single_1", 512) == 0.5
-    with pytest.raises(ConfigError, match="no score"):
-        lr.parse_results(path, "niah_single_1", 4096)  # lm-eval's -1: the length was not run
-
-
-def test_bad_tasks_and_lengths_are_one_line_errors():
+def test_unknown_tasks_and_bad_lengths_are_refused_up_front(tmp_path):
+    run = lambda tasks, lengths, limit=1: lr.run_ruler(MODEL_DIR, tasks, lengths, limit, tmp_path,  # noqa: E731
+                                                       python=tmp_path / "never-run")
+    with pytest.raises(ConfigError, match="unknown lm-eval RULER task.*qa_squad.*choose from.*niah_single_1"):
+        run(["qa_squad"], [1024])  # downloads SQuAD: not offered
+    for lengths in ([], [0], [-512], [512.0], [True]):
+        with pytest.raises(ConfigError, match="positive integers"):
+            run(["niah_single_1"], lengths)
+    with pytest.raises(ConfigError, match="ruler_vt cannot build a 512-token prompt.*≥ 1,024"):
+        run(["ruler_vt"], [512])  # 0.4.13 would loop forever there
+    with pytest.raises(ConfigError, match="limit must be a positive integer"):
+        run(["niah_single_1"], [512], limit=0)
     with pytest.raises(ConfigError, match="choose from"):
         lr.check_tasks(["ruler_qa_squad"], [1024])  # needs a download: not offered
     with pytest.raises(ConfigError, match="≥ 256"):
         lr.check_tasks(["ruler_vt"], [128])
+    with pytest.raises(ConfigError, match="no config.json"):
+        lr.run_ruler(tmp_path, ["niah_single_1"], [512], 1, tmp_path / "o", python=tmp_path / "never-run")
+
+
+def test_environment_is_reused_only_when_finished(tmp_path, monkeypatch):
+    monkeypatch.delenv(lr.PYTHON_VAR, raising=False)
+    env = tmp_path / "venv"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").symlink_to(sys.executable)
+    (env / ".ctxstretch-ready").write_text("\n".join(lr.REQUIREMENTS))
+    assert lr.ensure_env(env) == env / "bin" / "python"  # a finished build: no pip
+    (env / ".ctxstretch-ready").unlink()  # as a killed build leaves it: built again, from scratch, marker last
+    calls = []
+
+    def fake(cmd, **kw):
+        calls.append(cmd)
+        if cmd[1:3] == ["-m", "venv"]:
+            Path(cmd[3]).mkdir()
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(lr.subprocess, "run", fake)
+    assert lr.ensure_env(env) == env / "bin" / "python" and not (env / "bin").exists()  # the stale env was removed
+    assert [c[1:3] for c in calls] == [["-m", "venv"], ["-m", "pip"], ["-m", "pip"]]
+    assert calls[1][-1] == "torch==2.13.0" and (env / ".ctxstretch-ready").read_text() == "\n".join(lr.REQUIREMENTS)
+    (env / ".ctxstretch-ready").unlink()
+    down = "ERROR: No matching distribution found for torch==2.13.0\n"
+    monkeypatch.setattr(lr.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", down))
+    with pytest.raises(lr.IndexUnreachable, match="No matching distribution found for torch"):
+        lr.ensure_env(env)
+    assert not (env / ".ctxstretch-ready").exists()
+    monkeypatch.setenv(lr.PYTHON_VAR, sys.executable)
+    assert str(lr.ensure_env()) == sys.executable
+    monkeypatch.setenv(lr.PYTHON_VAR, str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="no such executable"):
+        lr.ensure_env()
+
+
+def test_command_uses_the_local_tokenizer_and_leaves_room_past_the_prompt(tmp_path):
+    cmd = lr.command(tmp_path / "py", tmp_path / "m", ["niah_single_1", "ruler_cwe"], [1024], 2, tmp_path / "o")
+    args = cmd[cmd.index("--model_args") + 1].split(",")
+    assert f"pretrained={tmp_path / 'm'}" in args and f"tokenizer={tmp_path / 'm'}" in args
+    assert f"max_length={1024 + lr.MARGIN}" in args and "dtype=auto" in args
+    assert json.loads(cmd[cmd.index("--metadata") + 1]) == {"max_seq_lengths": [1024]}
+    assert cmd[cmd.index("--tasks") + 1] == "niah_single_1,ruler_cwe" and cmd[-2:] == ["--limit", "2"]
+
+
+def test_failures_name_the_cause():
+    log = ("Loading weights: 100%|██████| 38/38 [00:00<00:00, 36223.53it/s]\nTraceback (most recent call last):\n"
+           "ConnectionError: Couldn't reach 'baber/paul_graham_essays' on the Hub (OfflineModeIsEnabled)\n")
+    assert "tried to fetch data offline (ConnectionError: Couldn't reach" in lr._diagnose(log, 1, "x.log")
+    assert lr._diagnose("ValueError: bad dtype\n", 1, "x.log").startswith("lm_eval exited with code 1: ValueError")
 
 
 @pytest.mark.slow
@@ -49,6 +121,7 @@ def test_eval_runs_an_lm_eval_ruler_task_offline(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "eval.json").read_text())
     score = data["external_ruler"]["niah_single_1"]["512"]
-    assert 0.0 <= score <= 1.0
+    assert isinstance(score, float) and 0.0 <= score <= 1.0
+    assert list((out / "lm-eval" / "len512").glob("*/results_*.json"))
     report = (out / "report.md").read_text()
     assert "## External suite: lm-evaluation-harness RULER" in report and "niah_single_1 @ 512" in report
