@@ -115,7 +115,7 @@ def _implementation(model: torch.nn.Module) -> str:
 
 
 def mask_for_model(model: torch.nn.Module, segment_ids: torch.Tensor) -> torch.Tensor:
-    """`attention_mask_for` with the model's attention implementation and dtype."""
+    """`attention_mask_for` with the model's attention implementation and dtype (the dense reference path)."""
     return attention_mask_for(segment_ids, _implementation(model), next(model.parameters()).dtype)
 
 
@@ -125,16 +125,18 @@ def attention_inputs(model: torch.nn.Module, segment_ids: torch.Tensor,
 
     `labels` (B, T), when given, lets unlabelled row tails join the segment before them (`attention_segments`).
     Returns {"attention_mask": (B, T) ones} for single-document rows; adds "doc_spans" for multi-document rows
-    when the model runs `DOC_ATTENTION` (see `use_document_attention`); else the dense mask of `mask_for_model`."""
+    when the model runs `DOC_ATTENTION` (see `use_document_attention`); else the dense mask of `attention_mask_for`
+    for the model's attention implementation and dtype."""
     seg = attention_segments(segment_ids, labels)
     ones = torch.ones_like(seg, dtype=torch.long)
     if single_segment(seg):
         return {"attention_mask": ones}
-    if _implementation(model) == DOC_ATTENTION:
+    impl = _implementation(model)
+    if impl == DOC_ATTENTION:
         spans = document_spans(seg)
         if spans is not None:
             return {"attention_mask": ones, "doc_spans": spans}
-    impl = "sdpa" if _implementation(model) == DOC_ATTENTION else _implementation(model)
+        impl = "sdpa"  # DOC_ATTENTION without spans is plain sdpa: its dense mask is sdpa's
     return {"attention_mask": attention_mask_for(seg, impl, next(model.parameters()).dtype)}
 
 
