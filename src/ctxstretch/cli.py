@@ -72,8 +72,13 @@ def extend(
     out: Annotated[Path, typer.Option(help="run directory to create")] = Path("runs/extend"),
     model: Annotated[str, typer.Option(help="local HF model directory, or 'embedded'")] = "embedded",
     target: Annotated[int, typer.Option(help="target window in tokens (0: 16x the model's window)")] = 0,
-    method: Annotated[str, typer.Option(help="rope method: abf, ntk-fixed, pi, ntk, yarn, llama3")] = "abf",
+    method: Annotated[str | None, typer.Option(help="rope method: abf, ntk-fixed, pi, ntk, yarn, llama3 "
+                                               "(default ntk-fixed)")] = None,
     positions: Annotated[str, typer.Option(help="position transform: longrecipe, pose, randpos, full")] = "longrecipe",
+    text: Annotated[list[str] | None, typer.Option(help="training text (repeatable): files or folders of txt, jsonl, "
+                                                   "parquet, arrow, a saved HF dataset; 'embedded' or 'stdlib' "
+                                                   "(default: the model's kind)")] = None,
+    text_field: Annotated[str, typer.Option(help="text column of jsonl/parquet/arrow sources")] = "text",
     steps: Annotated[int | None, typer.Option(help="training steps (0: training-free)")] = None,
     train_length: Annotated[int, typer.Option(help="tokens per training row (0: 0.3x target)")] = 0,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
@@ -82,6 +87,8 @@ def extend(
     config: Annotated[Path | None, typer.Option(help="a config.yaml from an earlier run (flags are ignored)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the resolved settings and the time and memory estimate, "
+                                          "then exit")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code")] = False,
     allow_bin: Annotated[bool, typer.Option(help="load pickled .bin weights (torch.load weights_only=True)")] = False,
 ) -> None:
@@ -89,7 +96,8 @@ def extend(
 
     def go() -> None:
         from .config import parse
-        from .extend import ExtendConfig, load_extend_config, run_extend
+        from .extend import ExtendConfig, load_extend_config, resolve_extend, run_extend
+        from .extend import dry_run as describe
 
         if resume and force:
             raise ConfigError("--resume and --force conflict; pick one")
@@ -98,10 +106,15 @@ def extend(
         else:
             train = {"device": device, **({"steps": steps} if steps is not None else {}),
                      **({"lr": lr} if lr is not None else {})}
-            cfg = parse(ExtendConfig, {"model": model, "target": target, "method": method, "positions": positions,
+            cfg = parse(ExtendConfig, {"model": model, "target": target, "positions": positions,
                                        "train_length": train_length, "trust_remote_code": trust_remote_code,
-                                       "lora_rank": lora_rank, "allow_bin": allow_bin, "train": train},
-                        "command line")
+                                       "lora_rank": lora_rank, "allow_bin": allow_bin, "train": train,
+                                       "text": list(text or []), "text_field": text_field,
+                                       **({"method": method} if method else {})}, "command line")
+        if dry_run:
+            for line in describe(*resolve_extend(cfg)):
+                console.print(line, highlight=False, markup=line.startswith("settings"), soft_wrap=True)
+            return
         run_extend(cfg, out, resume=resume, force=force, console=console)
 
     _guarded(go)

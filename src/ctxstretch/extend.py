@@ -4,38 +4,51 @@ rows carrying long positions (LongRecipe-style, Hu et al. 2024), evaluate again,
 Default recipe (chosen by held-out scores, see README): LongRecipe's fixed dynamic-NTK base for the new rope, rows
 of 0.3·target tokens whose positions are LongRecipe sentence-level skips over [0, target), 30% of rows left
 contiguous (so the original window is kept), and a mix of the model's kind of text (the embedded corpus) with
-span-repetition rows — no rows in any evaluation probe's format.
+span-repetition rows — no rows in any evaluation probe's format. A pretrained model trains on real long documents
+(`--text`, default the standard library as package-level documents), long ones drawn more often, short ones made
+long by chunk interleaving (CIP), with LR, steps, rows per step and precision derived from the model
+(`ctxstretch.defaults`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from pydantic import Field
 from rich.console import Console
 
 from .config import ConfigError, Strict, TrainConfig, parse
 from .data.mix import ROW_KINDS
+from .defaults import CPU_PEAK_SHARE, cpu_step_seconds, lr_warning, train_defaults, warmup_for
 from .eval.heldout import pooled_token
 from .eval.suite import EvalConfig, EvalResult
-from .models import load_config, resolve
+from .hardware import matmul_peak, precision_for
+from .models import EMBEDDED, load_config, resolve
+from .plan import GPUS, flops_per_token, memory_for, read_shape
 from .positions import METHODS as POSITION_METHODS
 from .recipes.pipeline import DataConfig, PipelineConfig, RopeConfig, StageConfig, load_yaml, run_pipeline
 from .rope import METHODS as ROPE_METHODS
 from .rope import original_window
+from .train.loop import resolve_device
 
 # Chosen on the held-out families (README "Results"): plain text plus span-repetition rows, no probe templates.
 DEFAULT_MIX = {"text": 0.6, "text_copy": 0.2, "random_copy": 0.2}
+# A pretrained model: its kind of text, long documents drawn more often, short ones interleaved into long rows (CIP).
+PRETRAINED_MIX = {"text": 0.7, "cip": 0.2, "text_copy": 0.1}
+GPU_ASSUMED_FLOPS = GPUS["h100"].bf16_tflops * 1e12
+LONG_WEIGHT = 3.0  # documents of at least one row's length are drawn this much more often (Llama 2 Long §4)
 
 
 class ExtendTrainConfig(TrainConfig):
-    """The training stage of `extend`, with the default recipe's budget (sized for the embedded model on a CPU)."""
+    """The training stage of `extend`; unset (None) budget fields are derived from the model (`ctxstretch.defaults`)."""
 
-    steps: int = Field(200, ge=0, description="optimizer steps (0: training-free)")
-    batch_size: int = Field(4, ge=1, description="rows per micro-batch")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate")
-    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
-    checkpoint_every: int = Field(25, ge=1, description="save a resumable checkpoint every N steps")
+    steps: int | None = Field(None, ge=0, description="optimizer steps (0: training-free; None: derived)")
+    batch_size: int | None = Field(None, ge=1, description="rows per micro-batch (None: derived)")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (None: derived)")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps (None: derived)")
+    gradient_checkpointing: bool | None = Field(None, description="activation checkpointing (None: derived)")
+    checkpoint_every: int = Field(10, ge=1, description="save a resumable checkpoint every N steps")
 
 
 class ExtendConfig(Strict):
@@ -48,9 +61,11 @@ class ExtendConfig(Strict):
     positions: str = Field("longrecipe", description=f"position transform: {', '.join(POSITION_METHODS)}")
     train_length: int = Field(0, ge=0, description="tokens per training row; 0: 0.3x target")
     contiguous_share: float = Field(0.3, ge=0, le=1, description="share of rows kept at contiguous positions")
-    mix: dict[str, float] = Field(
-        default_factory=lambda: dict(DEFAULT_MIX),
-        description=f"row kinds and weights: {', '.join(ROW_KINDS)}")
+    mix: dict[str, float] | None = Field(
+        None, description=f"row kinds and weights: {', '.join(ROW_KINDS)} (None: the default for the model)")
+    text: list[str] = Field(default_factory=list, description="training text: 'embedded', 'stdlib' or files/folders "
+                            "(txt, jsonl, parquet, arrow, a saved HF dataset); empty: the default for the model")
+    text_field: str = Field("text", description="the text column of jsonl/parquet/arrow sources")
     train: ExtendTrainConfig = Field(default_factory=ExtendTrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     lora_rank: int = Field(0, ge=0, description="LoRA rank via peft (0: full fine-tuning)")
@@ -71,7 +86,8 @@ class ExtendConfig(Strict):
                               f"try --target {window * 16}")
         if self.train_length > self.target:
             raise ConfigError(f"--train-length {self.train_length} exceeds --target {self.target}")
-        if any(k not in ROW_KINDS for k in self.mix) or not any(v > 0 for v in self.mix.values()):
+        if self.mix is not None and (any(k not in ROW_KINDS for k in self.mix)
+                                     or not any(v > 0 for v in self.mix.values())):
             raise ConfigError(f"mix must weight some of: {', '.join(ROW_KINDS)}")
 
 
@@ -81,8 +97,11 @@ def load_extend_config(path: Path) -> ExtendConfig:
 
 def as_pipeline(cfg: ExtendConfig) -> PipelineConfig:
     """`extend` is a one-stage pipeline: the rope change, then one training stage named `extend`."""
+    embedded = cfg.model == EMBEDDED
+    data = DataConfig(mix=cfg.mix, text=cfg.text, text_field=cfg.text_field,
+                      long_threshold=0 if embedded else cfg.train_length, long_weight=1.0 if embedded else LONG_WEIGHT)
     stage = StageConfig(name="extend", positions=cfg.positions, train_length=cfg.train_length,
-                        contiguous_share=cfg.contiguous_share, data=DataConfig(mix=cfg.mix),
+                        contiguous_share=cfg.contiguous_share, data=data,
                         train=TrainConfig(**cfg.train.model_dump()), lora_rank=cfg.lora_rank,
                         lora_train_embeddings_norms=cfg.lora_train_embeddings_norms)
     return PipelineConfig(name="extend", model=cfg.model, target=cfg.target,
@@ -91,15 +110,87 @@ def as_pipeline(cfg: ExtendConfig) -> PipelineConfig:
                           device=cfg.train.device, trust_remote_code=cfg.trust_remote_code, allow_bin=cfg.allow_bin)
 
 
-def run_extend(cfg: ExtendConfig, out: Path, resume: bool = False, force: bool = False,
-               console: Console | None = None) -> Path:
-    """Run the whole extension; returns the path of `report.md`."""
+def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tuple[ExtendConfig, str]:
+    """Fill in every derived setting (target, row length, data, training budget); returns (config, the rule used).
+    saved: the run directory's config when resuming — its derived values are kept (a CPU's measured speed varies)."""
     window = original_window(load_config(resolve(cfg.model), cfg.trust_remote_code, cfg.allow_bin))
     if cfg.target == 0:
         cfg = cfg.model_copy(update={"target": 16 * window})
     if cfg.train_length == 0:
         cfg = cfg.model_copy(update={"train_length": min(cfg.target, max(window, int(0.3 * cfg.target)))})
     cfg.check(window)
+    embedded = cfg.model == EMBEDDED
+    cfg = cfg.model_copy(update={"mix": cfg.mix or dict(DEFAULT_MIX if embedded else PRETRAINED_MIX),
+                                 "text": cfg.text or ["embedded" if embedded else "stdlib"]})
+    t = cfg.train
+    unset = [k for k in ("steps", "batch_size", "lr", "warmup_steps", "gradient_checkpointing")
+             if getattr(t, k) is None]
+    if t.precision == "auto":
+        unset.append("precision")
+    kept = {k: getattr(saved.train, k) for k in unset
+            if saved is not None and getattr(saved.train, k) not in (None, "auto")}
+    fill, rule = dict(kept), "kept from the run's config.yaml"
+    if set(unset) - set(kept):
+        device = resolve_device(t.device)
+        shape = read_shape(cfg.model)
+        step_s = None
+        if device == "cpu" and not embedded:
+            step_s = cpu_step_seconds(flops_per_token(shape, cfg.train_length), cfg.train_length, True,
+                                      matmul_peak("bf16" if precision_for(device) == "bf16" else "fp32"))
+        d = train_defaults(params=shape.params, embedded=embedded, train_length=cfg.train_length, device=device,
+                           step_seconds=step_s)
+        fill = {k: v for k, v in d.as_train().items() if k in unset} | kept
+        if "warmup_steps" in unset and "warmup_steps" not in kept and "steps" not in unset:
+            fill["warmup_steps"] = warmup_for(t.steps, embedded)  # warm-up follows the user's step count
+        rule = d.rule
+    cfg = cfg.model_copy(update={"train": t.model_copy(update=fill)})
+    if not embedded and not cfg.eval.model_fields_set & {"precision", "heldout_trials", "trials"}:
+        # a pretrained model: bf16 where native; on a CPU one probe per cell (a 32K probe of a 135M model: ~5 min)
+        cpu = resolve_device(t.device) == "cpu"
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
+            "precision": "auto", **({"heldout_trials": 1, "trials": 1} if cpu else {})})})
+        rule += "; evaluation in bf16 where native" + (", 1 probe per cell on a CPU" if cpu else "")
+    as_pipeline(cfg).resolved(window)  # the pipeline's own checks (data sources, lengths), before anything runs
+    warning = lr_warning(cfg.train.lr, read_shape(cfg.model).params, embedded)
+    return cfg, rule + (f"\n[yellow]warning:[/] {warning}" if warning else "")
+
+
+def dry_run(cfg: ExtendConfig, rule: str) -> list[str]:
+    """What `extend --dry-run` prints: the resolved settings, the stage, and the time and memory estimate."""
+    t, shape = cfg.train, read_shape(cfg.model)
+    device = resolve_device(t.device)
+    length, ckpt = cfg.train_length, bool(t.gradient_checkpointing)
+    fpt = flops_per_token(shape, length)
+    peak = matmul_peak("bf16" if t.precision == "bf16" else "fp32") if device == "cpu" else None
+    rows = t.steps * t.batch_size * t.grad_accum
+    if peak is not None:
+        seconds = rows * cpu_step_seconds(fpt, length, ckpt, peak)
+        speed = f"at {CPU_PEAK_SHARE:.0%} of this CPU's measured {t.precision} matmul peak ({peak / 1e9:,.0f} GFLOP/s)"
+    else:
+        seconds = rows * length * fpt * (4 / 3 if ckpt else 1) / (GPU_ASSUMED_FLOPS * 0.4)
+        speed = "at 40% MFU of an H100's 989 TFLOP/s (see `ctxstretch plan` for other GPUs)"
+    mem = memory_for(shape, length * t.batch_size, 1, "fp32", False, ckpt, 1)
+    mem_gb = mem["total_gb"] - mem["logits_gb"]  # the LM head runs in chunks: no full-vocabulary logits
+    return [f"settings: {rule}",
+            f"model {cfg.model} ({shape.params / 1e6:,.0f}M parameters, window {shape.window:,}) → {cfg.target:,}, "
+            f"rope {cfg.method}",
+            f"stage extend: {t.steps} steps × {t.batch_size * t.grad_accum} rows × {length:,} tokens, positions "
+            f"{cfg.positions} over {cfg.target:,}, lr {t.lr:.3g}, warm-up {t.warmup_steps}, {t.precision}, "
+            f"checkpointing {'on' if ckpt else 'off'}",
+            "data: " + ", ".join(cfg.text) + "; mix " + ", ".join(f"{k} {v:g}" for k, v in (cfg.mix or {}).items()),
+            f"estimate: training {seconds / 3600:.2f} h {speed}; memory ≈ {mem_gb:.1f} GB (fp32 weights + grads + "
+            f"AdamW {mem['weights_gb'] + mem['grads_gb'] + mem['optimizer_gb']:.1f} GB, activations "
+            f"{mem['activations_gb']:.1f} GB); evaluation not included",
+            "config:", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip()]
+
+
+def run_extend(cfg: ExtendConfig, out: Path, resume: bool = False, force: bool = False,
+               console: Console | None = None) -> Path:
+    """Run the whole extension; returns the path of `report.md`."""
+    console = console or Console()
+    saved = out / "config.yaml"
+    cfg, rule = resolve_extend(cfg, load_extend_config(saved) if resume and saved.exists() else None)
+    console.print(f"settings: {rule}")
     return run_pipeline(as_pipeline(cfg), out, resume=resume, force=force, console=console,
                         saved_config=cfg.model_dump(mode="json"), title="ctxstretch extend",
                         checks=lambda r, w, t: target_checks(r["base"], r["extended"], w, t))

@@ -32,7 +32,7 @@ def resolve(model: str | Path | None) -> Path:
         if not (MODEL_DIR / "config.json").exists():
             raise ModelError(f"the embedded model is missing from {MODEL_DIR}; rebuild it with `ctxstretch tiny build`")
         return MODEL_DIR
-    path = Path(model)
+    path = Path(model).expanduser()
     if not path.is_dir():
         raise ModelError(f"--model {path}: no such directory; pass a local Hugging Face model directory")
     return path

@@ -14,7 +14,7 @@ from ctxstretch.data.mix import ROW_KINDS, RowMixer
 from ctxstretch.data.probes import rng_for
 from ctxstretch.data.ruler import PROBE_KINDS
 from ctxstretch.data.sources import embedded_token_stream
-from ctxstretch.extend import ExtendConfig
+from ctxstretch.extend import DEFAULT_MIX, PRETRAINED_MIX
 from ctxstretch.recipes import PRESETS, expand, read_spec, recipe_params
 
 
@@ -46,7 +46,7 @@ def test_the_template_check_catches_a_shared_phrase():
 
 
 def _default_mixes() -> list[tuple[str, dict[str, float]]]:
-    mixes = [("extend", ExtendConfig().mix)]
+    mixes = [("extend", DEFAULT_MIX), ("extend (pretrained model)", PRETRAINED_MIX)]
     for preset in sorted(PRESETS.glob("*.yaml")):
         data, where = read_spec(preset.stem)
         pipe = expand(recipe_params(data, where), 256)

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import UserError
-from .sources import embedded_documents
+from .sources import CORPORA
 
 OnBad = Literal["fail", "skip"]
-EMBEDDED = "embedded"
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".java",
                            ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".tex", ".html", ".xml", ".yaml", ".yml",
                            ".toml", ".cfg", ".ini", ".csv", ".tsv"})
@@ -254,23 +253,24 @@ def _files_under(folder: Path) -> Iterator[Path]:
 
 
 def source_name(src: str | Path) -> str:
-    """The name a source goes by in mixing weights and the data card: "embedded", or the path's stem."""
-    return EMBEDDED if str(src) == EMBEDDED else (Path(src).stem or str(src))
+    """The name a source goes by in mixing weights and the data card: a shipped corpus's name, or the path's
+    stem."""
+    return str(src) if str(src) in CORPORA else (Path(src).stem or str(src))
 
 
 def read_documents(src: str | Path, *, text_field: str = "text", bad: BadRecords | None = None,
                    on_bad_record: OnBad = "fail", split: str = "train") -> Iterator[Document]:
-    """Stream the documents of one source: "embedded" (the shipped corpus, `split` "train" or "heldout"), a saved
-    `datasets` folder, a folder of files (walked recursively, sorted), or one file, dispatched by suffix
-    (.jsonl/.ndjson, .parquet, .arrow/.feather, anything else read as text).
+    """Stream the documents of one source: "embedded" or "stdlib" (the shipped corpora, `split` "train" or
+    "heldout"), a saved `datasets` folder, a folder of files (walked recursively, sorted), or one file, dispatched
+    by suffix (.jsonl/.ndjson, .parquet, .arrow/.feather, anything else read as text).
 
     Pass a shared `bad` collector to count bad records across sources; otherwise one is made from `on_bad_record`.
     """
     bad = bad if bad is not None else BadRecords(on_bad_record)
     name = source_name(src)
-    if str(src) == EMBEDDED:
-        for i, text in enumerate(embedded_documents(split)):
-            yield Document(text, name, f"embedded:{i + 1}")
+    if str(src) in CORPORA:
+        for i, text in enumerate(CORPORA[str(src)](split)):
+            yield Document(text, name, f"{src}:{i + 1}")
         return
     path = Path(src)
     if not path.exists():

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .packing import TokenizedCorpus, as_tokens
-from .readers import EMBEDDED, BadRecord, BadRecords
+from .readers import BadRecord, BadRecords
+from .sources import CORPORA
 
 FORMAT = 1
 
@@ -44,10 +45,10 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def source_fingerprint(src: str) -> str:
-    """Path + size + mtime of every file under `src` (or the stdlib identity for the embedded corpus)."""
+    """Path + size + mtime of every file under `src` (or the stdlib identity for a shipped corpus)."""
     h = hashlib.sha256()
-    if str(src) == EMBEDDED:
-        h.update(f"embedded|{sysconfig.get_paths()['stdlib']}|{sys.version}".encode())
+    if str(src) in CORPORA:
+        h.update(f"{src}|{sysconfig.get_paths()['stdlib']}|{sys.version}".encode())
         return h.hexdigest()
     path = Path(src).resolve()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())

@@ -3,7 +3,9 @@ how many probes stand behind each number and how sure it is."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from rich.progress import Progress
 
@@ -20,20 +22,31 @@ Tally = dict
 
 def heldout_scores(model, tokenizer, lengths: list[int], families: tuple[str, ...] = HELD_OUT,
                    depths: tuple[float, ...] = (0.1, 0.5, 0.9), trials: int = 4, seed: int = 0, batch_size: int = 2,
-                   progress: Progress | None = None) -> dict[str, dict[int, Tally]]:
-    """Per family and length: `trials` probes at each depth (evaluation seeds only), greedy exact match."""
+                   progress: Progress | None = None, partial: Path | None = None) -> dict[str, dict[int, Tally]]:
+    """Per family and length: `trials` probes at each depth (evaluation seeds only), greedy exact match.
+    partial: a JSON file keeping finished (family, length) cells, so an interrupted evaluation (a 32K probe of a
+    real model takes minutes on a CPU) resumes where it stopped."""
     builder = HeldoutBuilder(tokenizer)
+    done = json.loads(partial.read_text()) if partial is not None and partial.exists() else {}
     out: dict[str, dict[int, Tally]] = {f: {} for f in families}
     bar = progress.add_task("held-out families", total=len(families) * len(lengths)) if progress else None
     for n in lengths:
         for family in families:
-            examples = []
-            for d in depths:
-                rng = rng_for(f"heldout-{family}-{n}-{d}", seed, evaluation=True)
-                examples += [builder.make(family, rng, n, d) for _ in range(trials)]
-            ok, frac = answer_scores(model, examples, batch_size)
-            out[family][n] = {"correct": int(ok.sum()), "n": len(ok), "token_acc": round(float(frac.mean()), 4),
-                              "token_sd": round(float(frac.std(ddof=1)) if len(frac) > 1 else 0.0, 4)}
+            key = f"{family}/{n}/{','.join(map(str, depths))}/{trials}/{seed}"
+            if key not in done:
+                examples = []
+                for d in depths:
+                    rng = rng_for(f"heldout-{family}-{n}-{d}", seed, evaluation=True)
+                    examples += [builder.make(family, rng, n, d) for _ in range(trials)]
+                ok, frac = answer_scores(model, examples, batch_size)
+                done[key] = {"correct": int(ok.sum()), "n": len(ok), "token_acc": round(float(frac.mean()), 4),
+                             "token_sd": round(float(frac.std(ddof=1)) if len(frac) > 1 else 0.0, 4)}
+                if partial is not None:
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = partial.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(done))
+                    tmp.replace(partial)
+            out[family][n] = done[key]
             if progress is not None:
                 progress.advance(bar)
     return out

@@ -71,7 +71,7 @@ def write_report(out: Path, title: str, header: list[str], results: dict[str, Ev
 def short_context_section(results: dict[str, EvalResult]) -> list[str]:
     """What extension cost: held-out loss on rows of the base window (and lm-eval metrics), one column per model,
     each with its change against the first model's column."""
-    if all(r.short is None and not r.lm_eval for r in results.values()):
+    if all(r.short is None and not r.lm_eval and r.chat is None for r in results.values()):
         return []
     names = list(results)
     ref = results[names[0]]
@@ -110,6 +110,14 @@ def short_context_section(results: dict[str, EvalResult]) -> list[str]:
         lines.append(row(f"{task} {metric} (lm-eval)",
                          lambda r, t=task, m=metric: (r.lm_eval or {}).get(t, {}).get(m), ".3f",
                          "perplexity" in metric or metric in ("bits_per_byte", "loss")))
+    if any(r.chat is not None for r in results.values()):
+        lines.append("| chat questions answered sensibly | " + " | ".join(
+            "–" if r.chat is None else f"{r.chat['passed']}/{r.chat['asked']}" for r in results.values()) + " |")
+        lines += ["", "Chat answers (greedy, the tokenizer's chat template):", ""]
+        for name, r in results.items():
+            for a in (r.chat or {}).get("answers", []):
+                answer = a["answer"].replace("|", "\\|").replace("\n", " ")
+                lines.append(f"- {name}: {a['question']} → “{answer}”{'' if a['ok'] else ' (**not sensible**)'}")
     return [*lines, ""]
 
 

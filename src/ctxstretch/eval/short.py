@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError
-from ..data.readers import EMBEDDED, read_documents
-from ..data.sources import embedded_token_stream, tokenize_documents
+from ..data.readers import read_documents
+from ..data.sources import EMBEDDED, embedded_token_stream, tokenize_documents
 from .perplexity import token_losses
 
 LMEVAL_MISSING = "lm-evaluation-harness tasks need the lm_eval package: pip install 'ctxstretch[lmeval]'"

@@ -20,6 +20,7 @@ from ..data.families import HELD_OUT
 from ..data.probes import ProbeBuilder
 from ..data.ruler import RulerBuilder
 from ..data.sources import embedded_token_stream
+from .chat import chat_check
 from .heldout import heldout_scores
 from .passkey import Grid, retrieval_grid
 from .perplexity import default_buckets, loss_by_bucket, token_losses
@@ -47,6 +48,10 @@ class EvalConfig(Strict):
                                      "[lmeval] extra); empty: none")
     lm_eval_limit: int | None = Field(None, ge=1, description="examples per lm-eval task (None: all)")
     batch_size: int = Field(2, ge=1)
+    chat: bool = Field(True, description="ask a few chat questions with known answers (models with a chat "
+                       "template only)")
+    precision: str = Field("fp32", pattern="^(auto|bf16|fp32)$",
+                           description="bf16 autocast or fp32 (auto: bf16 where it is native)")
     seed: int = 0
 
     @field_validator("heldout")
@@ -81,6 +86,7 @@ class EvalResult:
     lm_eval: dict[str, dict[str, float]] | None = None  # lm-eval task -> metric -> value
     heldout: dict[str, dict[int, dict]] = field(default_factory=dict)  # family -> length -> {correct, n, token_acc}
     external: dict[str, dict[int, float]] = field(default_factory=dict)  # lm-eval RULER task -> length -> score
+    chat: dict | None = None  # eval.chat.chat_check's answers (None: no chat template, or not asked)
 
     def summary(self) -> dict:
         s = {"passkey": self.passkey.by_length(), "loss_by_position": self.buckets}
@@ -96,6 +102,8 @@ class EvalResult:
             s["short_context"] = self.short
         if self.lm_eval is not None:
             s["lm_eval"] = self.lm_eval
+        if self.chat is not None:
+            s["chat"] = {"passed": self.chat["passed"], "asked": self.chat["asked"]}
         return s
 
     def save(self, directory: Path) -> None:
@@ -105,7 +113,8 @@ class EvalResult:
                 "ruler": {t: {str(n): a for n, a in per.items()} for t, per in self.ruler.items()},
                 "short_context": self.short, "lm_eval": self.lm_eval,
                 "heldout": {f: {str(n): t for n, t in per.items()} for f, per in self.heldout.items()},
-                "external_ruler": {t: {str(n): v for n, v in per.items()} for t, per in self.external.items()}}
+                "external_ruler": {t: {str(n): v for n, v in per.items()} for t, per in self.external.items()},
+                "chat": self.chat}
         (directory / "eval.json").write_text(json.dumps(data, indent=1))
         if self.losses is not None:
             np.save(directory / "token_losses.npy", self.losses.astype(np.float32), allow_pickle=False)
@@ -123,13 +132,14 @@ class EvalResult:
         heldout = {f: {int(n): t for n, t in per.items()} for f, per in data.get("heldout", {}).items()}
         external = {t: {int(n): v for n, v in per.items()} for t, per in data.get("external_ruler", {}).items()}
         return cls(grid(data["passkey"]), grid(data["needle"]), losses, data["loss_by_position"],
-                   data.get("window", 0), ruler, data.get("short_context"), data.get("lm_eval"), heldout, external)
+                   data.get("window", 0), ruler, data.get("short_context"), data.get("lm_eval"), heldout, external,
+                   data.get("chat"))
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, cache_dir: Path | None = None,
-             progress: Progress | None = None) -> EvalResult:
+             progress: Progress | None = None, partial: Path | None = None) -> EvalResult:
     """Run the grids, the loss-by-position sweep and the short-context regression on `model` (already on its
-    device, in eval mode)."""
+    device, in eval mode). partial: a file of finished held-out cells of this model (resumes a killed run)."""
     if cfg.lm_eval_tasks:
         require_lm_eval()  # fail in the first second, not after the grids
     heldout = embedded_token_stream(tokenizer, "heldout", cache_dir)
@@ -140,7 +150,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
     lengths = cfg.lengths or doublings(base_window, target)
     kw = dict(trials=cfg.trials, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
     held = heldout_scores(model, tokenizer, lengths, tuple(cfg.heldout), tuple(cfg.heldout_depths),
-                          cfg.heldout_trials, cfg.seed, cfg.batch_size, progress) if cfg.heldout else {}
+                          cfg.heldout_trials, cfg.seed, cfg.batch_size, progress, partial) if cfg.heldout else {}
     passkey = retrieval_grid(model, builder, "passkey", lengths, cfg.depths, **kw)
     needle = retrieval_grid(model, builder, "needle", lengths, cfg.depths, **kw) if cfg.needle else None
     losses, buckets = None, {}
@@ -156,4 +166,5 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
     if cfg.short_rows:
         short = short_context_loss(model, short_stream, base_window, cfg.short_rows, cfg.batch_size, cfg.short_text)
     lm = run_lm_eval(model, tokenizer, cfg.lm_eval_tasks, cfg.lm_eval_limit) if cfg.lm_eval_tasks else None
-    return EvalResult(passkey, needle, losses, buckets, base_window, ruler, short, lm, held)
+    chat = chat_check(model, tokenizer) if cfg.chat else None
+    return EvalResult(passkey, needle, losses, buckets, base_window, ruler, short, lm, held, chat=chat)

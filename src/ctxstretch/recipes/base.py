@@ -36,7 +36,7 @@ class RecipeParams(Strict):
     def train(self, steps: int | None = None, lr: float | None = None, **kw) -> TrainConfig:
         """The main stage's optimiser settings, optionally with fewer steps or another LR."""
         steps = self.steps if steps is None else steps
-        return TrainConfig(steps=steps, batch_size=self.batch_size, lr=lr or self.lr,
+        return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr if lr is None else lr,
                            warmup_steps=min(self.warmup_steps, steps // 5), checkpoint_every=self.checkpoint_every,
                            seed=self.seed, device=self.device, **kw)
 
@@ -47,5 +47,10 @@ class RecipeParams(Strict):
 
 
 def share(steps: int, fraction: float) -> int:
-    """`fraction` of `steps`, at least one step when `steps` is positive."""
-    return max(1, round(steps * fraction)) if steps > 0 else 0
+    """`fraction` of `steps`: 0 when either is 0, else at least one step."""
+    return max(1, round(steps * fraction)) if steps > 0 and fraction > 0 else 0
+
+
+def split(steps: int, parts: int) -> list[int]:
+    """`steps` divided into `parts` non-negative shares that sum to `steps` (the last ones get the remainder)."""
+    return [steps * (i + 1) // parts - steps * i // parts for i in range(parts)]

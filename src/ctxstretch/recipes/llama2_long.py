@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import RecipeParams, share
+from .base import RecipeParams, share, split
 from .pipeline import BuildConfig, DataConfig, PipelineConfig, RopeConfig, StageConfig
 
 
@@ -31,11 +31,10 @@ def pipeline(p: Llama2LongParams, window: int) -> PipelineConfig:
     target = p.target or 16 * window
     data = DataConfig(mix=p.mix, long_threshold=target // 2, long_weight=p.long_weight)
     lengths = [max(window, int(f * target)) for f in p.curriculum] + [target]
-    steps = [share(p.steps, 1 / len(lengths))] * (len(lengths) - 1)
-    steps.append(p.steps - sum(steps))  # the curriculum shares one budget
+    steps = split(p.steps, len(lengths))  # the curriculum shares one budget; a stage left without steps is dropped
     stages = [StageConfig(name=f"cpt-{n}" if n < target else "cpt", target=n, positions="full", data=data,
                           train=p.train(s), lora_rank=p.lora_rank, evaluate=n == target)
-              for n, s in zip(lengths, steps, strict=True)]
+              for n, s in zip(lengths, steps, strict=True) if s > 0 or n == target]
     if p.sft_fraction > 0:
         stages.append(StageConfig(name="qa-data", build=BuildConfig(kind="selfinstruct", args={
             "generator": p.model, "count": p.qa_count, "input_loss": p.input_loss})))

@@ -21,8 +21,10 @@ from rich.progress import Progress
 
 from ..config import ConfigError, Strict, TrainConfig, check_writable, parse
 from ..data.mix import ROW_KINDS
+from ..data.sources import CORPORA
 from ..eval.report import write_report
 from ..eval.suite import EvalConfig, EvalResult, evaluate
+from ..hardware import precision_for
 from ..models import load, load_config, resolve, save
 from ..positions import METHODS as POSITION_METHODS
 from ..rope import METHODS as ROPE_METHODS
@@ -44,7 +46,8 @@ class DataConfig(Strict):
     """Where a training stage's rows come from (see `ctxstretch.data.mix` for the row kinds)."""
 
     text: list[str] = Field(default_factory=lambda: ["embedded"],
-                            description="text sources: 'embedded' or local files/folders (txt, jsonl, parquet, arrow)")
+                            description="text sources: 'embedded', 'stdlib' (package-level documents) or local "
+                            "files/folders (txt, jsonl, parquet, arrow, a saved HF dataset)")
     text_field: str = "text"
     mix: dict[str, float] = Field(default_factory=lambda: {"text": 1.0},
                                   description=f"row kinds and weights: {', '.join(ROW_KINDS)}")
@@ -158,7 +161,7 @@ def check_data(data: DataConfig, where: str, earlier: set[str]) -> None:
             raise ConfigError(f"{where}: data.dataset '{data.dataset}' is not a directory; build it with "
                               "`ctxstretch data … --out DIR`")
     for src in data.text:
-        if src != "embedded" and not Path(src).exists():
+        if src not in CORPORA and not Path(src).exists():
             raise ConfigError(f"{where}: data.text source '{src}' does not exist")
 
 
@@ -204,6 +207,7 @@ def eval_cached(directory: Path, fn: Callable[[], EvalResult]) -> EvalResult:
         return EvalResult.load(directory)
     result = fn()
     result.save(directory)
+    (directory / "heldout.partial.json").unlink(missing_ok=True)
     return result
 
 
@@ -237,13 +241,18 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
                   f"stages: {', '.join(f'{s.name} ({s.kind})' for s in cfg.stages)}")
     tokenizer = load_tokenizer(str(path))
 
-    def run_eval(model) -> EvalResult:
-        with torch.no_grad(), Progress(console=console) as progress:
-            return evaluate(model, tokenizer, cfg.eval, window, cfg.target, cache, progress)
+    precision = precision_for(device) if cfg.eval.precision == "auto" else cfg.eval.precision
+
+    def run_eval(model, directory: Path) -> EvalResult:  # weights stay fp32 under bf16 autocast
+        fast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+        with torch.no_grad(), fast, Progress(console=console) as progress:
+            return evaluate(model, tokenizer, cfg.eval, window, cfg.target, cache, progress,
+                            partial=directory / "heldout.partial.json")
 
     results: dict[str, EvalResult] = {}
     if main:
-        results["base"] = eval_cached(base_eval or out / "base", lambda: run_eval(load(path, device, **loaded)[0]))
+        bdir = base_eval or out / "base"
+        results["base"] = eval_cached(bdir, lambda: run_eval(load(path, device, **loaded)[0], bdir))
     _barrier(device)
 
     new_config = load_config(path, **loaded)
@@ -271,13 +280,13 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
         if stage.evaluate and main:
             if model is None:
                 model, _ = load(current, device, **loaded)
-            results[stage.name] = eval_cached(sdir / "eval", lambda m=model: run_eval(m))
+            results[stage.name] = eval_cached(sdir / "eval", lambda m=model, d=sdir / "eval": run_eval(m, d))
     if not main:
         return out / "report.md"
     if model is None:
         model, _ = load(current, device, config=new_config if current == path else None, **loaded)
     save(model, tokenizer, out / "model")
-    results["extended"] = eval_cached(out / "extended", lambda: run_eval(model))
+    results["extended"] = eval_cached(out / "extended", lambda: run_eval(model, out / "extended"))
     minutes = (time.time() - t0) / 60
     write_metrics(out, cfg, summaries, results, minutes)
     header = [f"- model: `{cfg.model}` (window {window:,}) → target {cfg.target:,}",
@@ -355,7 +364,7 @@ def run_stage(stage: StageConfig, model, tokenizer, sdir: Path, cfg: PipelineCon
         if last is not None:  # training time across resumes, as the checkpoints recorded it
             summary["train_s"] = round(checkpoint_state(last).get("elapsed_s", 0.0), 1)
         summary["what"] = (f"{t.steps} steps × {t.batch_size * t.grad_accum} rows × {stage.train_length:,} tokens, "
-                           f"positions `{stage.positions}` over {stage.target:,}, lr {t.lr}, mix "
+                           f"positions `{stage.positions}` over {stage.target:,}, lr {t.lr:.3g}, mix "
                            + ", ".join(f"{k} {v:g}" for k, v in stage.data.mix.items()))
     summary["wall_s"] = round(time.time() - t0, 1)
     console.print(f"stage [bold]{stage.name}[/]: {summary['what']} ({summary['wall_s']:.0f} s)")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..data.mix import DatasetRows, RowMixer
-from ..data.sources import embedded_token_stream, tokenize_documents
+from ..data.sources import CORPORA, embedded_token_stream, tokenize_documents
 
 if TYPE_CHECKING:
     from .pipeline import StageConfig
@@ -26,8 +26,8 @@ def text_stream(sources: list[str], tokenizer, cache: Path, text_field: str = "t
     parts = []
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     for src in sources:
-        if src == "embedded":
-            parts.append(embedded_token_stream(tokenizer, "train", cache))
+        if src in CORPORA:
+            parts.append(embedded_token_stream(tokenizer, "train", cache, corpus=src))
             continue
         key = zlib.crc32(f"{Path(src).resolve()}:{text_field}:{len(tokenizer)}".encode())
         path = cache / f"text-{key:08x}.npy"

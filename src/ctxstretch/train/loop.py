@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic import writing
 from ..config import ConfigError, TrainConfig, UserError
 from ..data.probes import IGNORE
+from ..hardware import precision_for
 from ..masking import attention_inputs, use_document_attention
 from .loss import chunked_weighted_loss, final_hidden, supports_chunked_head
 
@@ -91,7 +92,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _mixed_precision(cfg: TrainConfig, device: str) -> str:
-    if cfg.precision == "fp32":
+    """accelerate's mixed_precision: bf16 autocast when asked for (or, with "auto", where bf16 is native)."""
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and precision_for(device) == "fp32"):
         return "no"
     if device == "cuda" and not torch.cuda.is_bf16_supported():
         return "no"

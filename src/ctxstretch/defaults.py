@@ -1,0 +1,103 @@
+"""Training settings derived from the model and the target, so a pretrained model is not trained with the embedded
+model's settings.
+
+The rule (printed at the start of every `extend`):
+
+- **The embedded model** keeps its tuned settings: LR 1e-3, 20 warm-up steps, 200 steps × 4 rows, no activation
+  checkpointing (README "Results").
+- **A pretrained model** of N parameters: peak LR `2e-5 · sqrt(7e9 / N)`, capped at 2e-4 — Llama 2 Long's 2e-5 at
+  7B, LongRecipe's 5e-5 lands at ~1.4B, 1.4e-4 for SmolLM2-135M (smaller models tolerate larger steps). Rows per
+  step: on a GPU about 2^20 tokens (the papers' batch scale), on a CPU one row. Steps: on a GPU a 1e9-token budget
+  (LongRecipe trains on ~30% of a full-length run's tokens: this is that order), on a CPU what fits in two hours at
+  40% of this machine's measured bf16 matmul peak (`hardware.matmul_peak`), at least 10. Warm-up: 5% of the steps, at
+  least 2. Activation checkpointing on.
+- **Precision**: bf16 autocast where the hardware has native bf16 (a CUDA GPU that reports it, a CPU whose oneDNN
+  build reports bf16 support), fp32 elsewhere. Weights stay fp32 under autocast (the optimizer's master copy).
+
+Anything the user sets explicitly wins; a learning rate ≥ 1e-3 on a model of ≥ 100M parameters gets a warning
+naming the derived value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .hardware import precision_for
+
+EMBEDDED_LR, EMBEDDED_STEPS, EMBEDDED_ROWS, EMBEDDED_WARMUP = 1e-3, 200, 4, 20
+GPU_TOKENS_PER_STEP = 2**20
+GPU_TOKEN_BUDGET = 1e9
+CPU_HOURS = 2.0
+# measured here: SmolLM2-135M, 9,830-token rows, 203 s per step = 184 GFLOP/s, 45% of a 409 GFLOP/s peak
+CPU_PEAK_SHARE = 0.4
+MIN_CPU_STEPS = 10
+RISKY_LR, RISKY_PARAMS = 1e-3, 100_000_000
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    lr: float
+    warmup_steps: int
+    batch_size: int
+    steps: int
+    gradient_checkpointing: bool
+    precision: str  # bf16 | fp32
+    rule: str  # one line: how these were derived
+
+    def as_train(self) -> dict:
+        """The fields of a TrainConfig these settings fill."""
+        return {"lr": self.lr, "warmup_steps": self.warmup_steps, "batch_size": self.batch_size, "steps": self.steps,
+                "gradient_checkpointing": self.gradient_checkpointing, "precision": self.precision}
+
+
+def pretrained_lr(params: int) -> float:
+    """2e-5 at 7B, scaled by 1/sqrt(N), capped at 2e-4."""
+    return min(2e-4, 2e-5 * math.sqrt(7e9 / max(params, 1)))
+
+
+def train_defaults(*, params: int, embedded: bool, train_length: int, device: str,
+                   step_seconds: float | None = None) -> TrainDefaults:
+    """The derived settings (see the module docstring). step_seconds: the estimated time of one CPU optimizer step
+    of one row (`cpu_step_seconds`); needed for a pretrained model on a CPU."""
+    precision = precision_for(device)
+    if embedded:
+        return TrainDefaults(EMBEDDED_LR, EMBEDDED_WARMUP, EMBEDDED_ROWS, EMBEDDED_STEPS, False, precision,
+                             "embedded model: its tuned settings (LR 1e-3, 200 steps × 4 rows)")
+    lr = pretrained_lr(params)
+    if device == "cuda":
+        rows = max(1, GPU_TOKENS_PER_STEP // train_length)
+        steps = max(MIN_CPU_STEPS, int(GPU_TOKEN_BUDGET // (rows * train_length)))
+        budget = f"{rows} rows ≈ 2^20 tokens per step, 1e9 tokens"
+    else:
+        if step_seconds is None or step_seconds <= 0:
+            raise ValueError("a pretrained model on a CPU needs step_seconds to size its steps")
+        rows = 1
+        steps = max(MIN_CPU_STEPS, int(CPU_HOURS * 3600 // step_seconds))
+        budget = f"1 row per step, steps that fit {CPU_HOURS:g} h at ~{step_seconds:.0f} s per step"
+    warmup = warmup_for(steps, embedded)
+    rule = (f"pretrained model, {params / 1e6:,.0f}M parameters: LR 2e-5·sqrt(7e9/N) = {lr:.3g}, {budget}, "
+            f"warm-up {warmup}, activation checkpointing, {precision}")
+    return TrainDefaults(lr, warmup, rows, steps, True, precision, rule)
+
+
+def warmup_for(steps: int, embedded: bool) -> int:
+    """Warm-up steps: the embedded model's 20 (at most a tenth of its steps); 5% of the steps, at least 2."""
+    if embedded:
+        return min(EMBEDDED_WARMUP, steps // 10)
+    return max(2, steps // 20)
+
+
+def lr_warning(lr: float, params: int, embedded: bool) -> str | None:
+    """A warning for a learning rate that would wreck a pretrained model, naming the safer value."""
+    if embedded or params < RISKY_PARAMS or lr < RISKY_LR:
+        return None
+    return (f"LR {lr:g} on a {params / 1e6:,.0f}M-parameter pretrained model will likely destroy what it knows; "
+            f"the derived value is {pretrained_lr(params):.3g} (drop --lr to use it)")
+
+
+def cpu_step_seconds(flops_per_token: float, length: int, checkpointing: bool, peak_flops: float) -> float:
+    """Estimated seconds of one CPU optimizer step on one row: training FLOPs (`plan.flops_per_token`) at
+    CPU_PEAK_SHARE of the measured matmul peak, +1/3 with activation checkpointing. Measured here for SmolLM2-135M
+    at 9,830 tokens: 203 s; this estimate at a 409 GFLOP/s peak: 228 s."""
+    return flops_per_token * length * (4 / 3 if checkpointing else 1) / (CPU_PEAK_SHARE * peak_flops)
