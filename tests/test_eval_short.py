@@ -8,6 +8,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from ctxstretch.cli import app
@@ -124,3 +125,37 @@ def test_backend_seam(monkeypatch, tmp_path, micro_model_dir):
     res = runner.invoke(app, ["eval", "--model", str(micro_model_dir), "--backend", "vllm",
                               "--out", str(tmp_path / "ev")])
     assert res.exit_code == 2 and VLLM_MISSING in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_chat_check_skips_models_without_a_chat_template_and_scores_answers(tokenizer):
+    from ctxstretch.eval import chat as chat_mod
+
+    assert chat_mod.chat_check(None, tokenizer) is None  # the embedded tokenizer has no chat template
+
+    class Echo:  # a stand-in model whose "answer" is fixed text, to check the scoring
+        def __init__(self, tok, text):
+            self.tok, self.text = tok, text
+
+        def parameters(self):
+            yield torch.zeros(1)
+
+        def generate(self, ids, **kw):
+            return torch.cat([ids, torch.tensor([self.tok.encode(self.text)])], 1)
+
+    class Templated:
+        chat_template = "x"
+        pad_token_id = eos_token_id = 0
+
+        def apply_chat_template(self, msgs, **kw):
+            return {"input_ids": torch.tensor([tokenizer.encode(msgs[0]["content"])])}
+
+        def encode(self, text):
+            return tokenizer.encode(text)
+
+        def decode(self, ids, **kw):
+            return tokenizer.decode(ids, **kw)
+
+    tok = Templated()
+    result = chat_mod.chat_check(Echo(tok, "Paris is blue, 7 days"), tok)
+    assert result["asked"] == 3 and result["passed"] == 3
+    assert chat_mod.chat_check(Echo(tok, "no idea"), tok)["passed"] == 0

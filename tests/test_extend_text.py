@@ -48,7 +48,7 @@ def test_text_sources_feed_the_training_rows(kind, tmp_path, tokenizer):
                                          target=2048, train={"device": "cpu"}))
     stage = as_pipeline(cfg).resolved(256).stages[0]
     assert stage.data.text == [str(src)] and stage.data.text_field == field
-    batch = stage_rows(stage, tokenizer, tmp_path / "cache", seed=0, dataset_dir=None)(0)
+    batch = stage_rows(stage, tokenizer, seed=0, dataset_dir=None)(0)
     assert batch["input_ids"].shape == (4, 512)
     decoded = tokenizer.decode(batch["input_ids"][0])
     assert "zebra" in decoded and "river stone" in decoded

@@ -38,6 +38,7 @@ def test_smollm2_extend_smoke(smollm2, tmp_path):
     assert rope["rope_theta"] > 1e5  # fixed NTK: a larger base than the original 1e5
     text = report.read_text()
     assert "## Held-out families (headline)" in text and "1,024" in text
+    assert "chat questions answered sensibly" in text  # SmolLM2 has a chat template
     model = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True)  # no project code needed
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits

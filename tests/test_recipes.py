@@ -173,7 +173,7 @@ def test_a_stage_trains_on_a_ctxstretch_data_directory(tmp_path, micro128):
     stage = StageConfig.model_validate({"name": "sft", "train_length": 256, "target": 512,
                                         "data": {"mix": {"dataset": 1.0}, "dataset": str(data)},
                                         "train": {"batch_size": 2}})
-    batch = stage_rows(stage, tok, tmp_path / "cache", 0, dataset_dir=data)(0)
+    batch = stage_rows(stage, tok, 0, dataset_dir=data)(0)
     assert batch["input_ids"].shape == (2, 256)
     labelled = batch["labels"] != -100
     assert labelled.any() and (batch["segment_ids"][labelled] == 0).all(), "loss only on the example's answer"
@@ -194,3 +194,12 @@ def test_a_training_free_recipe_writes_the_new_rope(tmp_path, micro128):
     with torch.no_grad():
         base_logits = AutoModelForCausalLM.from_pretrained(micro128)(x).logits
         assert not torch.allclose(new(x).logits, base_logits)
+
+
+def test_stages_inherit_the_runs_device_and_seed_unless_they_set_their_own():
+    from ctxstretch.recipes.pipeline import PipelineConfig
+
+    cfg = PipelineConfig(device="cpu", seed=7, stages=[{"name": "a"}, {"name": "b", "train": {"seed": 3}}])
+    a, b = cfg.resolved(256).stages
+    assert (a.train.device, a.train.seed) == ("cpu", 7)
+    assert (b.train.device, b.train.seed) == ("cpu", 3)

@@ -38,6 +38,14 @@ def original_window(config) -> int:
     return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
+DEFAULT_STRETCH = 16  # a target of 0 means this many times the model's window
+
+
+def default_target(window: int) -> int:
+    """The target window when none is given: DEFAULT_STRETCH × the model's window."""
+    return DEFAULT_STRETCH * window
+
+
 def abf_theta(theta: float, base_window: int, target: int, dim: int) -> float:
     """ABF default base: the NTK rule `theta · (L/L0)^(d/(d-2))` (methods.md §0, our choice)."""
     return theta * (target / base_window) ** (dim / (dim - 2))

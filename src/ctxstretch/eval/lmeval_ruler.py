@@ -14,18 +14,18 @@ forever after printing "Num noises: 0" (watched for here); essay/QA tasks downlo
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ..config import ConfigError
+from .venv import IndexUnreachable as IndexUnreachable  # raised by ensure_env
+from .venv import build_env, cache_root, last_line, no_network_prefix, offline_env, steps_of
 
 TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 # the shortest length each task can build with the embedded 4,096-token vocabulary (SmolLM2's needs no more);
@@ -36,30 +36,13 @@ LMEVAL = "lm-eval[hf,ruler]==0.4.13"
 REQUIREMENTS = ("torch==2.13.0", LMEVAL)  # CPU torch first, so lm-eval does not pull a CUDA one
 PYTHON_VAR = "CTXSTRETCH_LMEVAL_PYTHON"
 MARGIN = 256  # max_length above the longest length: the niah gen_prefix (~30 tokens) is not counted in the length
-_MARKER = ".ctxstretch-ready"
-_INDEX_DOWN = ("No matching distribution found", "Could not find a version that satisfies", "Network is unreachable",
-               "Failed to establish a new connection", "Temporary failure in name resolution", "Max retries exceeded")
 _FETCH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "offline mode", "ConnectionError", "Couldn't reach",
           "Network is unreachable", "urlopen error", "LocalEntryNotFoundError")
 
 
-class IndexUnreachable(ConfigError):
-    """The lm-eval environment could not be built because pip could not reach the package index."""
-
-
 def default_env_dir() -> Path:
     """`$XDG_CACHE_HOME/ctxstretch/lmeval-venv` (default ~/.cache/…)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ctxstretch" / "lmeval-venv"
-
-
-def _last_line(text: str) -> str:
-    """The last meaningful line of tool output: the last error-looking line, else the last non-noise line."""
-    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines()]
-    noise = ("it/s]", "%|", "is ignored: it is neither")  # progress bars, pip's find-links chatter
-    lines = [ln for ln in lines if ln and not any(x in ln for x in noise)]
-    errors = [ln for ln in lines if "error" in ln.lower() or "exception" in ln.lower()]
-    line = (errors or lines or ["(no output)"])[-1]
-    return line if len(line) <= 300 else line[:297] + "..."
+    return cache_root() / "lmeval-venv"
 
 
 def ensure_env(env_dir: Path | None = None) -> Path:
@@ -74,44 +57,8 @@ def ensure_env(env_dir: Path | None = None) -> Path:
             raise ConfigError(f"${PYTHON_VAR}={python}: no such executable; point it at a python with "
                               f"{LMEVAL} installed, or unset it to build one")
         return python
-    env_dir = Path(env_dir or default_env_dir())
-    python, marker, want = env_dir / "bin" / "python", env_dir / _MARKER, "\n".join(REQUIREMENTS)
-    if python.exists() and marker.exists() and marker.read_text() == want:
-        return python
-    try:
-        env_dir.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(env_dir.parent / f"{env_dir.name}.lock", "w")  # held until the build is done
-    except OSError as e:
-        raise ConfigError(f"{env_dir}: cannot create the lm-eval environment ({e.strerror}); set XDG_CACHE_HOME "
-                          f"to a writable folder or ${PYTHON_VAR} to an existing interpreter") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it right now
-        if python.exists() and marker.exists() and marker.read_text() == want:
-            return python
-        from rich.console import Console
-
-        shutil.rmtree(env_dir, ignore_errors=True)  # a killed build left no marker: start over
-        steps = [[sys.executable, "-m", "venv", str(env_dir)]]
-        steps += [[str(python), "-m", "pip", "install", "-q", req] for req in REQUIREMENTS]
-        with Console(stderr=True).status(f"building the lm-eval environment in {env_dir} (once, about a minute)"):
-            for cmd in steps:
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    out = done.stdout + done.stderr
-                    cls = IndexUnreachable if any(s in out for s in _INDEX_DOWN) else ConfigError
-                    raise cls(f"building the lm-eval environment failed at `{' '.join(cmd[2:])}`: {_last_line(out)};"
-                              f" check that pip can reach the package index, or set ${PYTHON_VAR} to an interpreter "
-                              f"that has {LMEVAL}")
-        marker.write_text(want)
-    return python
-
-
-def _no_network_prefix() -> list[str]:
-    """`unshare -n` (or `-rn` for a non-root user) when it works here, so the run has no network at all; else []."""
-    for cmd in (["unshare", "-n"], ["unshare", "-rn"]):
-        if shutil.which(cmd[0]) and subprocess.run([*cmd, "true"], capture_output=True).returncode == 0:
-            return cmd
-    return []
+    return build_env(Path(env_dir or default_env_dir()), steps_of(REQUIREMENTS), "the lm-eval environment",
+                     f"set ${PYTHON_VAR} to an interpreter that has {LMEVAL}")
 
 
 def check_tasks(tasks: list[str], lengths: list[int]) -> None:
@@ -173,7 +120,7 @@ def scores_from_results(results: dict, tasks: list[str], lengths: list[int], sou
 
 def _diagnose(log: str, code: int | None, log_path: Path) -> str:
     """One line: what went wrong in an lm_eval run and what to do about it."""
-    last = _last_line(log)
+    last = last_line(log)
     if "No module named lm_eval" in log:
         return f"the lm-eval interpreter has no lm_eval ({last}); unset ${PYTHON_VAR} or install lm-eval into it"
     if "Could not generate any sample" in log:
@@ -232,14 +179,8 @@ def run_ruler(model_dir: Path, tasks: list[str], lengths: list[int], limit: int 
         # present but empty: prepare_niah.py downloads punkt_tab at import unless it finds one; only the essay
         # haystack (not offered here) uses it
         (Path(nltk_dir) / "tokenizers" / "punkt_tab").mkdir(parents=True)
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-        blackhole = "http://127.0.0.1:9"  # the discard port: any HTTP(S) attempt fails at once
-        env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "HF_HUB_DISABLE_TELEMETRY": "1", "NLTK_DATA": nltk_dir, "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONUNBUFFERED": "1",  # so a hang's last words reach the log
-                "HTTP_PROXY": blackhole, "HTTPS_PROXY": blackhole, "http_proxy": blackhole, "https_proxy": blackhole,
-                "NO_PROXY": "", "no_proxy": ""}
-        prefix = _no_network_prefix()
+        env = offline_env(NLTK_DATA=nltk_dir)
+        prefix = no_network_prefix()
         for group in groups:
             run_dir = out_dir / f"len{'-'.join(map(str, group))}"
             shutil.rmtree(run_dir, ignore_errors=True)

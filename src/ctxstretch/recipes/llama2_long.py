@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..rope import default_target
 from .base import RecipeParams, share, split
 from .pipeline import BuildConfig, DataConfig, PipelineConfig, RopeConfig, StageConfig
 
@@ -28,7 +29,7 @@ class Llama2LongParams(RecipeParams):
 
 
 def pipeline(p: Llama2LongParams, window: int) -> PipelineConfig:
-    target = p.target or 16 * window
+    target = p.target or default_target(window)
     data = DataConfig(mix=p.mix, long_threshold=target // 2, long_weight=p.long_weight)
     lengths = [max(window, int(f * target)) for f in p.curriculum] + [target]
     steps = split(p.steps, len(lengths))  # the curriculum shares one budget; a stage left without steps is dropped

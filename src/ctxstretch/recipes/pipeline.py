@@ -28,7 +28,7 @@ from ..hardware import precision_for
 from ..models import load, load_config, resolve, save
 from ..positions import METHODS as POSITION_METHODS
 from ..rope import METHODS as ROPE_METHODS
-from ..rope import apply_rope, original_window
+from ..rope import apply_rope, default_target, original_window
 from ..train.loop import checkpoint_state, latest_checkpoint, resolve_device, train_stage
 from ..train.lora import with_lora
 from ..train.merge import linear_merge
@@ -112,13 +112,14 @@ class PipelineConfig(Strict):
     allow_bin: bool = False
 
     def resolved(self, window: int) -> PipelineConfig:
-        """Fill in the target and every stage's target and row length; refuse impossible settings."""
-        target = self.target or 16 * window
+        """Fill in the target, every stage's target and row length, and the run's device and seed where a stage does
+        not set its own; refuse impossible settings."""
+        target = self.target or default_target(window)
         if self.rope.method not in ROPE_METHODS:
             raise ConfigError(f"rope.method '{self.rope.method}' is unknown; choose one of {', '.join(ROPE_METHODS)}")
         if target <= window:
             raise ConfigError(f"target {target} must be larger than the model's window ({window}); "
-                              f"try target: {window * 16}")
+                              f"try target: {default_target(window)}")
         stages, names = [], set()
         for i, s in enumerate(self.stages):
             where = f"stages[{i}] ({s.name})"
@@ -139,7 +140,9 @@ class PipelineConfig(Strict):
             if s.build and s.build.kind not in BUILDERS:
                 raise ConfigError(f"{where}: build kind '{s.build.kind}' is unknown; choose one of "
                                   f"{', '.join(BUILDERS)}")
-            stages.append(s.model_copy(update={"target": st, "train_length": length}))
+            run_wide = {k: getattr(self, k) for k in ("device", "seed") if k not in s.train.model_fields_set}
+            stages.append(s.model_copy(update={"target": st, "train_length": length,
+                                               "train": s.train.model_copy(update=run_wide)}))
         return self.model_copy(update={"target": target, "stages": stages})
 
 
@@ -350,7 +353,7 @@ def run_stage(stage: StageConfig, model, tokenizer, sdir: Path, cfg: PipelineCon
         model = linear_merge(model, orig, stage.merge.weight)
         summary["what"] = f"merged with the original model, weight {stage.merge.weight}"
     else:
-        rows = stage_rows(stage, tokenizer, cache, cfg.seed, dataset_dir=_dataset_dir(stage, sdir.parent))
+        rows = stage_rows(stage, tokenizer, cfg.seed, dataset_dir=_dataset_dir(stage, sdir.parent))
         if stage.lora_rank:
             model = with_lora(model, stage.lora_rank, stage.lora_train_embeddings_norms)
         resume_stage = resume and latest_checkpoint(sdir) is not None

@@ -4,14 +4,14 @@ builders run into the run directory)."""
 from __future__ import annotations
 
 import inspect
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..data.builders import read_corpus
 from ..data.mix import DatasetRows, RowMixer
-from ..data.sources import CORPORA, embedded_token_stream, tokenize_documents
+from ..data.readers import BadRecords
 
 if TYPE_CHECKING:
     from .pipeline import StageConfig
@@ -19,36 +19,22 @@ if TYPE_CHECKING:
 BUILDERS = ("synl", "selfinstruct", "probes", "cip", "pack")
 
 
-def text_stream(sources: list[str], tokenizer, cache: Path, text_field: str = "text") -> np.ndarray:
-    """The stage's text sources tokenised into one flat array, documents separated by EOS (cached per run)."""
-    from ..data.readers import read_documents
-
-    parts = []
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    for src in sources:
-        if src in CORPORA:
-            parts.append(embedded_token_stream(tokenizer, "train", cache, corpus=src))
-            continue
-        key = zlib.crc32(f"{Path(src).resolve()}:{text_field}:{len(tokenizer)}".encode())
-        path = cache / f"text-{key:08x}.npy"
-        if path.exists():
-            parts.append(np.load(path, allow_pickle=False))
-            continue
-        arr = tokenize_documents(tokenizer, (d.text for d in read_documents(src, text_field=text_field)), eos)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, arr, allow_pickle=False)
-        parts.append(arr)
-    return np.concatenate([p.astype(np.int64) for p in parts]) if len(parts) > 1 else parts[0]
+def text_stream(sources: list[str], tokenizer, text_field: str = "text") -> np.ndarray:
+    """The stage's text sources as one int32 token array, documents separated by EOS, through the token cache that
+    `ctxstretch data` uses (`data/tokcache.py`: keyed by each source's files, sizes and mtimes and the tokenizer's
+    hash; written atomically; a bad record fails with its file and line)."""
+    corpus = read_corpus([str(s) for s in sources], tokenizer, text_field, BadRecords("fail"))
+    return np.asarray(corpus.tokens)
 
 
-def stage_rows(stage: StageConfig, tokenizer, cache: Path, seed: int, dataset_dir: Path | None) -> RowMixer:
+def stage_rows(stage: StageConfig, tokenizer, seed: int, dataset_dir: Path | None) -> RowMixer:
     """The row function (`index → batch`) of a training stage."""
     d = stage.data
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     dataset = DatasetRows(str(dataset_dir), stage.train_length, pad, tokenizer) if dataset_dir else None
     select = impactful_selector(tokenizer, d.scorer) if d.select == "impactful" else None
     return RowMixer(
-        tokenizer, text_stream(d.text, tokenizer, cache, d.text_field), name=stage.name, seed=seed,
+        tokenizer, text_stream(d.text, tokenizer, d.text_field), name=stage.name, seed=seed,
         length=stage.train_length, batch=stage.train.batch_size, mix={k: v for k, v in d.mix.items() if v > 0},
         positions=stage.positions, target=stage.target, contiguous_share=stage.contiguous_share,
         long_threshold=d.long_threshold, long_weight=d.long_weight, cip_k=d.cip_k, cip_chunk=d.cip_chunk,
