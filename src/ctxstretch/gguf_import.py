@@ -34,6 +34,21 @@ class GGUFInfo:
     quantization: str
     tensor_types: dict[str, int]
     size: int
+    rope_scaling: dict | None = None  # llama.cpp's rope scaling keys, as transformers' rope_parameters entries
+
+
+def _rope_scaling(reader, arch: str) -> dict | None:
+    """`{arch}.rope.scaling.*` (written by llama.cpp's converter for linear and YaRN scaling) as the entries of
+    transformers' `rope_parameters`; transformers' own GGUF loader drops them."""
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if kind not in ("linear", "yarn") or not factor:
+        return None
+    out = {"rope_type": str(kind), "factor": float(factor)}
+    original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+    if kind == "yarn" and original:
+        out["original_max_position_embeddings"] = int(original)
+    return out
 
 
 def _gguf_module():
@@ -103,7 +118,7 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     if quant is None:  # older files: the most common type among the 2-D tensors
         quant = max(counts, key=lambda k: counts[k])
     return GGUFInfo(path=path, architecture=str(arch), name=str(_field(reader, "general.name") or path.stem),
-                    quantization=quant, tensor_types=counts, size=size)
+                    quantization=quant, tensor_types=counts, size=size, rope_scaling=_rope_scaling(reader, str(arch)))
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -132,6 +147,8 @@ def _load(staged: Path, info: GGUFInfo):
     except Exception as e:  # noqa: BLE001 - transformers raises ValueError/KeyError/… for unsupported files
         raise ModelError(f"{info.path}: transformers cannot load GGUF architecture '{info.architecture}' "
                          f"({_first_line(e)}); convert a Llama/Qwen/Mistral-style model instead") from None
+    if info.rope_scaling:
+        config.rope_parameters = {**(config.rope_parameters or {}), **info.rope_scaling}
     try:
         current_rope(config)
     except RopeError:

