@@ -13,7 +13,8 @@ from ctxstretch.cli import app
 from ctxstretch.defaults import lr_warning, pretrained_lr, train_defaults, warmup_for
 from ctxstretch.extend import DEFAULT_MIX, PRETRAINED_MIX, ExtendConfig, as_pipeline, dry_run, resolve_extend
 from ctxstretch.recipes.base import RecipeParams, share, split
-from ctxstretch.recipes.llama2_long import Llama2LongParams, pipeline
+from ctxstretch.recipes import expand
+from ctxstretch.recipes.llama2_long import Llama2LongParams
 from ctxstretch.tiny import MODEL_DIR
 
 # SmolLM2-135M's shape: the rule reads config.json only, so no weights are needed (an empty file stands in)
@@ -114,6 +115,20 @@ def test_zero_fractions_and_curriculum_splits():
     assert share(10, 0) == 0 and share(0, 0.5) == 0 and share(10, 0.01) == 1
     assert split(1, 3) == [0, 0, 1] and split(10, 3) == [3, 3, 4] and sum(split(7, 4)) == 7
     p = Llama2LongParams(recipe="llama2-long", steps=1, curriculum=[0.25, 0.5], sft_fraction=0)
-    stages = pipeline(p, 256).stages
+    stages = expand(p, 256).stages
     assert [s.train.steps for s in stages] == [1] and stages[0].name == "cpt"
-    assert RecipeParams(recipe="x", lr=1e-3).train(lr=5e-6).lr == 5e-6
+    params, _ = RecipeParams(recipe="x", lr=1e-3).resolved(256)
+    assert params.train(lr=5e-6).lr == 5e-6 and params.train().lr == 1e-3
+
+
+def test_presets_derive_their_settings_for_a_pretrained_model(shaped_dir):
+    from ctxstretch.recipes import read_spec, recipe_params
+
+    data, where = read_spec("longrecipe")
+    pipe = expand(recipe_params({**data, "model": str(shaped_dir), "target": 32768, "device": "cpu"}, where), 8192)
+    extend_stage = pipe.stages[0]
+    assert extend_stage.train.lr == pytest.approx(1.44e-4, rel=0.01) and extend_stage.train.batch_size == 1
+    assert extend_stage.train.gradient_checkpointing and extend_stage.data.text == ["stdlib"]
+    assert "passkey" not in extend_stage.data.mix and "sqrt" in pipe.description
+    emb = expand(recipe_params(data, where), 256).stages[0]
+    assert emb.train.lr == 1e-3 and emb.data.text == ["embedded"] and emb.train.batch_size == 4

@@ -54,9 +54,13 @@ def run_compare(names: list[str], out: Path, *, model: str = "embedded", target:
         recipe_params({"recipe": n}, "--recipes")
     settings = {"model": model, "target": target, **({"steps": steps} if steps is not None else {}),
                 **({"batch_size": batch_size} if batch_size is not None else {}), **(overrides or {})}
-    params = [recipe_params({"recipe": n, **settings}, "--recipes") for n in names]
     path = resolve(model)
     window = original_window(load_config(path))
+    # one budget for all: the first recipe's derived steps and rows, unless given
+    first, _ = recipe_params({"recipe": names[0], **settings}, "--recipes").resolved(window)
+    settings |= {"steps": settings.get("steps", first.steps),
+                 "batch_size": settings.get("batch_size", first.batch_size)}
+    params = [recipe_params({"recipe": n, **settings}, "--recipes") for n in names]
     out.mkdir(parents=True, exist_ok=True)
     outcomes = []
     for p in params:

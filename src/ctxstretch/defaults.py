@@ -23,7 +23,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .hardware import precision_for
+from .hardware import matmul_peak, precision_for
+from .plan import flops_per_token, read_shape
+
+DERIVED = ("steps", "batch_size", "lr", "warmup_steps", "gradient_checkpointing", "precision")
 
 EMBEDDED_LR, EMBEDDED_STEPS, EMBEDDED_ROWS, EMBEDDED_WARMUP = 1e-3, 200, 4, 20
 GPU_TOKENS_PER_STEP = 2**20
@@ -101,3 +104,26 @@ def cpu_step_seconds(flops_per_token: float, length: int, checkpointing: bool, p
     CPU_PEAK_SHARE of the measured matmul peak, +1/3 with activation checkpointing. Measured here for SmolLM2-135M
     at 9,830 tokens: 203 s; this estimate at a 409 GFLOP/s peak: 228 s."""
     return flops_per_token * length * (4 / 3 if checkpointing else 1) / (CPU_PEAK_SHARE * peak_flops)
+
+
+def derive(model: str, train_length: int, device: str, given: dict, embedded: bool,
+           saved: dict | None = None) -> tuple[dict, str]:
+    """The DERIVED settings `given` leaves unset (None, or "auto" precision): {field: value} and the rule used.
+    saved: the values an earlier run of the same directory derived (kept on resume: a CPU's measured speed
+    varies)."""
+    unset = [k for k in DERIVED if given.get(k) in (None, "auto")]
+    kept = {k: saved[k] for k in unset if saved and saved.get(k) not in (None, "auto")}
+    if not set(unset) - set(kept):
+        return kept, "kept from the run's config.yaml"
+    shape = read_shape(model)
+    step_s = None
+    if device == "cpu" and not embedded:
+        step_s = cpu_step_seconds(flops_per_token(shape, train_length), train_length, True,
+                                  matmul_peak(precision_for(device)))
+    d = train_defaults(params=shape.params, embedded=embedded, train_length=train_length, device=device,
+                       step_seconds=step_s)
+    fill = {k: v for k, v in d.as_train().items() if k in unset} | kept
+    if "warmup_steps" in unset and "warmup_steps" not in kept and "steps" not in unset:
+        fill["warmup_steps"] = warmup_for(given["steps"], embedded)  # warm-up follows the user's step count
+    warning = lr_warning(fill.get("lr", given.get("lr")) or 0.0, shape.params, embedded)
+    return fill, d.rule + (f"\n[yellow]warning:[/] {warning}" if warning else "")

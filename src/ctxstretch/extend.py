@@ -20,10 +20,10 @@ from rich.console import Console
 
 from .config import Strict, TrainConfig, parse
 from .data.mix import ROW_KINDS
-from .defaults import CPU_PEAK_SHARE, cpu_step_seconds, lr_warning, train_defaults, warmup_for
+from .defaults import CPU_PEAK_SHARE, cpu_step_seconds, derive
 from .eval.heldout import pooled_token
 from .eval.suite import EvalConfig, EvalResult
-from .hardware import matmul_peak, precision_for
+from .hardware import matmul_peak
 from .models import EMBEDDED, load_config, resolve
 from .plan import GPUS, flops_per_token, memory_for, read_shape
 from .positions import METHODS as POSITION_METHODS
@@ -107,26 +107,8 @@ def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tupl
     cfg = cfg.model_copy(update={"mix": cfg.mix or dict(DEFAULT_MIX if embedded else PRETRAINED_MIX),
                                  "text": cfg.text or ["embedded" if embedded else "stdlib"]})
     t = cfg.train
-    unset = [k for k in ("steps", "batch_size", "lr", "warmup_steps", "gradient_checkpointing")
-             if getattr(t, k) is None]
-    if t.precision == "auto":
-        unset.append("precision")
-    kept = {k: getattr(saved.train, k) for k in unset
-            if saved is not None and getattr(saved.train, k) not in (None, "auto")}
-    fill, rule = dict(kept), "kept from the run's config.yaml"
-    if set(unset) - set(kept):
-        device = resolve_device(t.device)
-        shape = read_shape(cfg.model)
-        step_s = None
-        if device == "cpu" and not embedded:
-            step_s = cpu_step_seconds(flops_per_token(shape, cfg.train_length), cfg.train_length, True,
-                                      matmul_peak("bf16" if precision_for(device) == "bf16" else "fp32"))
-        d = train_defaults(params=shape.params, embedded=embedded, train_length=cfg.train_length, device=device,
-                           step_seconds=step_s)
-        fill = {k: v for k, v in d.as_train().items() if k in unset} | kept
-        if "warmup_steps" in unset and "warmup_steps" not in kept and "steps" not in unset:
-            fill["warmup_steps"] = warmup_for(t.steps, embedded)  # warm-up follows the user's step count
-        rule = d.rule
+    fill, rule = derive(cfg.model, cfg.train_length, resolve_device(t.device), t.model_dump(), embedded,
+                        saved.train.model_dump() if saved is not None else None)
     cfg = cfg.model_copy(update={"train": t.model_copy(update=fill)})
     if not embedded and not cfg.eval.model_fields_set & {"precision", "heldout_trials", "trials"}:
         # a pretrained model: bf16 where native; on a CPU one probe per cell (a 32K probe of a 135M model: ~5 min)
@@ -135,8 +117,7 @@ def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tupl
             "precision": "auto", **({"heldout_trials": 1, "trials": 1} if cpu else {})})})
         rule += "; evaluation in bf16 where native" + (", 1 probe per cell on a CPU" if cpu else "")
     as_pipeline(cfg).resolved(window)  # the pipeline's own checks (data sources, lengths), before anything runs
-    warning = lr_warning(cfg.train.lr, read_shape(cfg.model).params, embedded)
-    return cfg, rule + (f"\n[yellow]warning:[/] {warning}" if warning else "")
+    return cfg, rule
 
 
 def dry_run(cfg: ExtendConfig, rule: str) -> list[str]:

@@ -32,8 +32,11 @@ def recipe_params(data: dict, where: str) -> RecipeParams:
 
 
 def expand(params: RecipeParams, window: int) -> PipelineConfig:
-    """The recipe's pipeline for a model of `window` tokens."""
-    return RECIPES[params.recipe][1](params, window)
+    """The recipe's pipeline for a model of `window` tokens, its derived settings filled in (the rule is appended
+    to the pipeline's description)."""
+    params, rule = params.resolved(window)
+    pipe = RECIPES[params.recipe][1](params, window)
+    return pipe.model_copy(update={"description": f"{pipe.description} (settings: {rule})".strip()})
 
 
 def read_spec(spec: str) -> tuple[dict, str]:

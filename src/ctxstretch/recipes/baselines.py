@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from .base import RecipeParams
-from .pipeline import DataConfig, PipelineConfig, RopeConfig, StageConfig
+from .pipeline import PipelineConfig, RopeConfig, StageConfig
 
 ROPES = {"full": "abf", "pose": "abf", "randpos": "abf", "pi": "pi", "yarn": "yarn", "pi-free": "pi",
          "ntk-free": "ntk", "yarn-free": "yarn"}
@@ -18,13 +18,16 @@ POSITIONS = {"pose": "pose", "randpos": "randpos"}
 class BaselineParams(RecipeParams):
     length_fraction: float = Field(0.3, gt=0, le=1, description="row length as a share of the target (pose/randpos)")
 
+    def main_length(self, target: int) -> int:
+        return int(self.length_fraction * target) if self.recipe in POSITIONS else target
+
 
 def pipeline(p: BaselineParams, window: int) -> PipelineConfig:
     name = p.recipe
     stages = []
     if not name.endswith("-free"):
         positions = POSITIONS.get(name, "full")
-        stages.append(StageConfig(name="train", positions=positions, data=DataConfig(mix=p.mix), train=p.train(),
+        stages.append(StageConfig(name="train", positions=positions, data=p.data(mix=p.mix), train=p.train(),
                                   length_fraction=p.length_fraction if positions != "full" else 1.0,
                                   lora_rank=p.lora_rank))
     return PipelineConfig(name=name, description=f"baseline: {name}", rope=RopeConfig(method=ROPES[name]),

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from ..rope import default_target
 from .base import RecipeParams, share, split
-from .pipeline import BuildConfig, DataConfig, PipelineConfig, RopeConfig, StageConfig
+from .pipeline import BuildConfig, PipelineConfig, RopeConfig, StageConfig
 
 
 class Llama2LongParams(RecipeParams):
@@ -30,7 +30,7 @@ class Llama2LongParams(RecipeParams):
 
 def pipeline(p: Llama2LongParams, window: int) -> PipelineConfig:
     target = p.target or default_target(window)
-    data = DataConfig(mix=p.mix, long_threshold=target // 2, long_weight=p.long_weight)
+    data = p.data(mix=p.mix, long_threshold=target // 2, long_weight=p.long_weight)
     lengths = [max(window, int(f * target)) for f in p.curriculum] + [target]
     steps = split(p.steps, len(lengths))  # the curriculum shares one budget; a stage left without steps is dropped
     stages = [StageConfig(name=f"cpt-{n}" if n < target else "cpt", target=n, positions="full", data=data,
@@ -40,7 +40,7 @@ def pipeline(p: Llama2LongParams, window: int) -> PipelineConfig:
         stages.append(StageConfig(name="qa-data", build=BuildConfig(kind="selfinstruct", args={
             "generator": p.model, "count": p.qa_count, "input_loss": p.input_loss})))
         stages.append(StageConfig(
-            name="sft", positions="full", data=DataConfig(mix={"dataset": 1.0}, dataset="@qa-data"),
+            name="sft", positions="full", data=p.data(mix={"dataset": 1.0}, dataset="@qa-data"),
             train=p.train(share(p.steps, p.sft_fraction), p.lr * p.sft_lr_ratio, min_lr_ratio=0.0),
             lora_rank=p.lora_rank))
     return PipelineConfig(name="llama2-long", description=__doc__.splitlines()[0],

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from .base import RecipeParams, share
-from .pipeline import DataConfig, MergeConfig, PipelineConfig, RopeConfig, StageConfig
+from .pipeline import MergeConfig, PipelineConfig, RopeConfig, StageConfig
 
 
 class LongRecipeParams(RecipeParams):
@@ -25,15 +25,18 @@ class LongRecipeParams(RecipeParams):
     replay_lr_ratio: float = Field(0.1, gt=0, description="replay LR as a share of the main LR (paper 5e-6/5e-5)")
     merge_weight: float = Field(0.5, ge=0, le=1, description="λ, the original model's share in the merge")
 
+    def main_length(self, target: int) -> int:
+        return int(self.length_fraction * target)
+
 
 def pipeline(p: LongRecipeParams, window: int) -> PipelineConfig:
     extend = StageConfig(
         name="extend", positions="longrecipe", length_fraction=p.length_fraction, train=p.train(),
-        data=DataConfig(mix=p.mix, select="impactful" if p.impactful else "all", scorer=p.scorer),
+        data=p.data(mix=p.mix, select="impactful" if p.impactful else "all", scorer=p.scorer),
         lora_rank=p.lora_rank, evaluate=True)
     replay = StageConfig(
         name="replay", positions="full", train_length=window,
-        data=DataConfig(mix={"text": 1.0}),
+        data=p.data(mix={"text": 1.0}),
         train=p.train(share(p.steps, p.replay_fraction), p.lr * p.replay_lr_ratio, min_lr_ratio=0.0),
         lora_rank=p.lora_rank)
     merge = StageConfig(name="merge", merge=MergeConfig(weight=p.merge_weight))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from .base import RecipeParams, share
-from .pipeline import DataConfig, PipelineConfig, RopeConfig, StageConfig
+from .pipeline import PipelineConfig, RopeConfig, StageConfig
 
 SHORT_SFT_MIX = {"passkey": 0.4, "needle": 0.4, "text_copy": 0.2}
 
@@ -32,12 +32,12 @@ def pipeline(p: LongSkyworkParams, window: int) -> PipelineConfig:
     mix = {"cip": p.cip_share, **{k: (1 - p.cip_share) * v / total for k, v in p.mix.items()}}
     sft_lr = p.lr * p.sft_lr_ratio
     stages = [
-        StageConfig(name="cpt", positions="full", data=DataConfig(mix=mix, cip_k=p.cip_k), train=p.train(),
+        StageConfig(name="cpt", positions="full", data=p.data(mix=mix, cip_k=p.cip_k), train=p.train(),
                     lora_rank=p.lora_rank),
-        StageConfig(name="sft", positions="full", train_length=window, data=DataConfig(mix=SHORT_SFT_MIX),
+        StageConfig(name="sft", positions="full", train_length=window, data=p.data(mix=SHORT_SFT_MIX),
                     train=p.train(share(p.steps, p.sft_fraction), sft_lr, min_lr_ratio=0.0), lora_rank=p.lora_rank,
                     evaluate=True),
-        StageConfig(name="long-sft", positions="full", data=DataConfig(mix={"synl": 1.0}),
+        StageConfig(name="long-sft", positions="full", data=p.data(mix={"synl": 1.0}),
                     train=p.train(share(p.steps, p.long_sft_fraction), sft_lr, min_lr_ratio=0.0),
                     lora_rank=p.lora_rank),
     ]
