@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from ctxstretch.cli import app
 from ctxstretch.defaults import lr_warning, pretrained_lr, train_defaults, warmup_for
 from ctxstretch.extend import DEFAULT_MIX, PRETRAINED_MIX, ExtendConfig, as_pipeline, dry_run, resolve_extend
-from ctxstretch.recipes.base import RecipeParams, share, split
 from ctxstretch.recipes import expand
+from ctxstretch.recipes.base import RecipeParams, share, split
 from ctxstretch.recipes.llama2_long import Llama2LongParams
 from ctxstretch.tiny import MODEL_DIR
 
