@@ -27,11 +27,11 @@ def _cfg():
                        log_every=1, precision="fp32", device="cpu")
 
 
-def _rows(tokenizer):
+def _rows(tokenizer, length: int = 48):
     from ctxstretch.data.mix import RowMixer
 
     stream = np.random.default_rng(0).integers(0, len(tokenizer), 20000).astype(np.uint16)
-    return RowMixer(tokenizer, stream, name="t", seed=0, length=48, batch=4,
+    return RowMixer(tokenizer, stream, name="t", seed=0, length=length, batch=4,
                     mix={"text": 1, "random_copy": 1}, positions="longrecipe", target=256, contiguous_share=0.3)
 
 
@@ -90,7 +90,7 @@ def test_shipped_accelerate_configs_load(name, monkeypatch):
         monkeypatch.setenv(key, value)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True and plugin.activation_checkpointing
-    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert plugin.transformer_cls_names_to_wrap is None, "no architecture named: the model's _no_split_modules rule"
     if name == "fsdp2_cp":
         from accelerate.parallelism_config import ParallelismConfig
 
@@ -98,17 +98,52 @@ def test_shipped_accelerate_configs_load(name, monkeypatch):
         assert pc.cp_enabled and pc.cp_backend == "torch" and pc.total_size == config.num_processes
 
 
-def _launch(out: Path, mode: str) -> subprocess.CompletedProcess:
+@pytest.mark.parametrize("name", ["fsdp2", "fsdp2_cp"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_fsdp_configs_wrap_each_decoder_layer_of_any_architecture(name, arch, monkeypatch):
+    """What accelerate's fsdp2_prepare_model does with a shipped config: one FSDP unit per decoder layer, found
+    from the model's `_no_split_modules` (LlamaDecoderLayer, Qwen2DecoderLayer, MistralDecoderLayer)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ctxstretch.train.loop import accelerate_config
+
+    args = launch_command_parser().parse_args(["--config_file", str(accelerate_config(name)), "train.py"])
+    _validate_launch_command(args)
+    for key, value in prepare_multi_gpu_env(args).items():
+        monkeypatch.setenv(key, value)
+    config = AutoConfig.for_model(arch, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config)
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.set_auto_wrap_policy(model)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert [n for n, m in model.named_modules() if policy(m)] == ["model.layers.0", "model.layers.1"]
+    layer = type(model.model.layers[0]).__name__
+    assert set(plugin.transformer_cls_names_to_wrap) == set(model._no_split_modules) == {layer}
+
+
+def torchrun(*args: str, timeout: int = 120, **env: str) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run` with 2 CPU processes on a free port, offline, one thread each; `env` adds
+    variables (CTXSTRETCH_DIST_TIMEOUT_MIN is unset unless given)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    full = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    full.pop("CTXSTRETCH_DIST_TIMEOUT_MIN", None)
     # `accelerate launch --cpu` starts one process (multi-CPU goes through mpirun or torchrun); torchrun sets
     # RANK/WORLD_SIZE and accelerate's state picks gloo from them, as it does for GPUs under `accelerate launch`
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), __file__, str(out), mode]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+           "--master_port", str(port), *args]
+    return subprocess.run(cmd, env={**full, **env}, capture_output=True, text=True, timeout=timeout)
+
+
+def _launch(out: Path, mode: str) -> subprocess.CompletedProcess:
+    return torchrun(__file__, str(out), mode)
 
 
 @pytest.mark.slow
@@ -127,7 +162,7 @@ def test_two_processes_follow_the_single_process_curve_and_resume(tmp_path, toke
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     ranks = [json.loads((tmp_path / "two" / f"rank-{r}.json").read_text()) for r in range(2)]
-    assert ranks == [{"world": 2, "backend": "gloo"}] * 2
+    assert ranks == [{"world": 2, "backend": "gloo", "timeout_min": 360.0}] * 2, "train_stage's long timeout"
     assert len(_losses(tmp_path / "two")) == 6, "one metrics line per step, written by one process"
     np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-4, atol=1e-5)
     weights = load_file(latest_checkpoint(tmp_path / "two") / "model.safetensors")
@@ -137,7 +172,8 @@ def test_two_processes_follow_the_single_process_curve_and_resume(tmp_path, toke
 
 @pytest.mark.slow
 def test_a_recipe_runs_under_two_processes(tmp_path, tokenizer):
-    """`ctxstretch train` under torchrun: both processes train, one evaluates and writes, the output is whole."""
+    """`ctxstretch train` under torchrun: both processes train, one evaluates (a stage and the result) and writes
+    while the other waits, each process continues from every stage's saved model, the output is whole."""
     import yaml
     from transformers import AutoModelForCausalLM
 
@@ -150,20 +186,15 @@ def test_a_recipe_runs_under_two_processes(tmp_path, tokenizer):
     recipe.write_text(yaml.safe_dump({
         "model": str(model_dir), "target": 512, "device": "cpu",
         "eval": {"lengths": [128, 512], "depths": [0.5], "trials": 1, "loss_rows": 1, "short_rows": 1},
-        "stages": [{"name": "long", "positions": "longrecipe", "length_fraction": 0.3,
+        "stages": [{"name": "long", "positions": "longrecipe", "length_fraction": 0.3, "evaluate": True,
                     "train": {"steps": 2, "batch_size": 2, "warmup_steps": 0, "log_every": 1, "device": "cpu",
                               "precision": "fp32"}},
                    {"name": "merge", "merge": {"weight": 0.5}}]}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "ctxstretch.cli", "train", str(recipe), "--out", str(tmp_path / "run")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun("-m", "ctxstretch.cli", "train", str(recipe), "--out", str(tmp_path / "run"), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     assert (run / "report.md").exists() and (run / "stages" / "merge" / "done.json").exists()
+    assert (run / "stages" / "long" / "eval" / "eval.json").exists()
     steps = [json.loads(x) for x in (run / "stages" / "long" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps] == [1, 2], "one metrics line per step, written by one process"
     assert AutoModelForCausalLM.from_pretrained(run / "model").config.max_position_embeddings == 512
@@ -187,8 +218,9 @@ def _worker(out: Path, mode: str) -> None:
 
     train_stage(micro_llama(tokenizer), crashing if mode == "crash" else rows, cfg, out, resume=mode == "resume")
     state = PartialState()
-    (out / f"rank-{state.process_index}.json").write_text(json.dumps({"world": state.num_processes,
-                                                                     "backend": state.backend}))
+    timeout = torch.distributed.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+    (out / f"rank-{state.process_index}.json").write_text(json.dumps({
+        "world": state.num_processes, "backend": state.backend, "timeout_min": timeout.total_seconds() / 60}))
 
 
 if __name__ == "__main__":

@@ -125,3 +125,28 @@ def test_eval_runs_an_lm_eval_ruler_task_offline(tmp_path):
     assert list((out / "lm-eval" / "len512").glob("*/results_*.json"))
     report = (out / "report.md").read_text()
     assert "## External suite: lm-evaluation-harness RULER" in report and "niah_single_1 @ 512" in report
+
+
+def test_extend_runs_lm_eval_ruler_on_each_saved_model(tmp_path, micro_model_dir, monkeypatch):
+    """RULER tasks in `eval.lm_eval_tasks` run on the base and the saved extended model, into each report."""
+    from ctxstretch.extend import ExtendConfig, run_extend
+    from ctxstretch.recipes import pipeline
+
+    seen = []
+
+    def fake_run_ruler(model_dir, tasks, lengths, limit, out_dir):
+        seen.append((Path(model_dir), tuple(tasks), tuple(lengths), limit))
+        return {t: {n: 0.5 for n in lengths} for t in tasks}
+
+    monkeypatch.setattr(pipeline.lmeval_ruler, "run_ruler", fake_run_ruler)
+    cfg = ExtendConfig(model=str(micro_model_dir), target=512, train_length=64, mix={"text": 1.0},
+                       train={"steps": 1, "batch_size": 1, "device": "cpu"},
+                       eval={"lengths": [256], "depths": [0.5], "trials": 1, "needle": False, "loss_rows": 0,
+                             "short_rows": 0, "heldout_depths": [0.5], "heldout_trials": 1,
+                             "lm_eval_tasks": ["niah_single_1"], "lm_eval_limit": 2})
+    out = tmp_path / "run"
+    report = run_extend(cfg, out).read_text()
+    assert [s[0] for s in seen] == [micro_model_dir, out / "model"]
+    assert seen[0][1:] == (("niah_single_1",), (256,), 2)
+    assert json.loads((out / "extended" / "eval.json").read_text())["external_ruler"] == {"niah_single_1": {"256": 0.5}}
+    assert "niah_single_1" in report

@@ -22,6 +22,7 @@ from ..data.ruler import RulerBuilder
 from ..data.sources import embedded_token_stream
 from .chat import chat_check
 from .heldout import heldout_scores
+from .lmeval_ruler import TASKS as RULER_TASKS
 from .passkey import Grid, retrieval_grid
 from .perplexity import default_buckets, loss_by_bucket, token_losses
 from .ruler import ruler_scores
@@ -44,8 +45,9 @@ class EvalConfig(Strict):
     short_rows: int = Field(16, ge=0, description="held-out rows of the base window for the short-context loss "
                             "(0: skip)")
     short_text: str = Field("embedded", description="held-out short text: 'embedded' or a file/folder/dataset")
-    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks (needs the "
-                                     "[lmeval] extra); empty: none")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks: its "
+                                     "corpus-free RULER tasks (run at `lengths` in lm-eval's own environment) or "
+                                     "short-context ones (need the [lmeval] extra); empty: none")
     lm_eval_limit: int | None = Field(None, ge=1, description="examples per lm-eval task (None: all)")
     batch_size: int = Field(2, ge=1)
     chat: bool = Field(True, description="ask a few chat questions with known answers (models with a chat "
@@ -140,7 +142,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
              progress: Progress | None = None, partial: Path | None = None) -> EvalResult:
     """Run the grids, the loss-by-position sweep and the short-context regression on `model` (already on its
     device, in eval mode). partial: a file of finished held-out cells of this model (resumes a killed run)."""
-    if cfg.lm_eval_tasks:
+    in_process = [t for t in cfg.lm_eval_tasks if t not in RULER_TASKS]  # RULER runs in lm-eval's own venv
+    if in_process:
         require_lm_eval()  # fail in the first second, not after the grids
     heldout = embedded_token_stream(tokenizer, "heldout", cache_dir)
     short_stream = heldout
@@ -165,6 +168,6 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
     short = None
     if cfg.short_rows:
         short = short_context_loss(model, short_stream, base_window, cfg.short_rows, cfg.batch_size, cfg.short_text)
-    lm = run_lm_eval(model, tokenizer, cfg.lm_eval_tasks, cfg.lm_eval_limit) if cfg.lm_eval_tasks else None
+    lm = run_lm_eval(model, tokenizer, in_process, cfg.lm_eval_limit) if in_process else None
     chat = chat_check(model, tokenizer) if cfg.chat else None
     return EvalResult(passkey, needle, losses, buckets, base_window, ruler, short, lm, held, chat=chat)

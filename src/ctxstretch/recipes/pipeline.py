@@ -22,14 +22,15 @@ from rich.progress import Progress
 from ..config import ConfigError, Strict, TrainConfig, check_writable, parse
 from ..data.mix import ROW_KINDS
 from ..data.sources import CORPORA
+from ..eval import lmeval_ruler
 from ..eval.report import write_report
-from ..eval.suite import EvalConfig, EvalResult, evaluate
+from ..eval.suite import EvalConfig, EvalResult, doublings, evaluate
 from ..hardware import precision_for
 from ..models import load, load_config, resolve, save
 from ..positions import METHODS as POSITION_METHODS
 from ..rope import METHODS as ROPE_METHODS
 from ..rope import apply_rope, default_target, original_window
-from ..train.loop import checkpoint_state, latest_checkpoint, resolve_device, train_stage
+from ..train.loop import checkpoint_state, distributed_state, latest_checkpoint, resolve_device, train_stage
 from ..train.lora import with_lora
 from ..train.merge import linear_merge
 from .rows import BUILDERS, build_stage_data, stage_rows
@@ -225,13 +226,15 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
     saved_config: what `config.yaml` records (default: the resolved pipeline). base_eval: a directory holding (or to
     hold) the base model's evaluation, shared between runs (`compare`). checks(results, window, target): claims
     shown as the report's Targets table. Under `accelerate launch` every process trains its share of each batch;
-    only the main one evaluates and writes."""
+    only the main one evaluates and writes, and every process continues from each stage's saved model (a sharded
+    engine leaves no whole model in any process)."""
     from ..data.datasets import load_tokenizer
 
     console = console or Console()
     t0 = time.time()
     device = resolve_device(cfg.device)
-    main = _is_main(device)
+    state = distributed_state(device)
+    main, several = state.is_main_process, state.num_processes > 1
     path = resolve(cfg.model)
     window = original_window(load_config(path, cfg.trust_remote_code, cfg.allow_bin))
     cfg = cfg.resolved(window)
@@ -246,16 +249,25 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
 
     precision = precision_for(device) if cfg.eval.precision == "auto" else cfg.eval.precision
 
-    def run_eval(model, directory: Path) -> EvalResult:  # weights stay fp32 under bf16 autocast
+    ruler = [t for t in cfg.eval.lm_eval_tasks if t in lmeval_ruler.TASKS]  # lm-eval's RULER, in its own venv
+    lengths = cfg.eval.lengths or doublings(window, cfg.target)
+    if ruler:
+        lmeval_ruler.check_tasks(ruler, lengths)
+
+    def run_eval(model, directory: Path, model_dir: Path) -> EvalResult:  # weights stay fp32 under bf16 autocast
         fast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
         with torch.no_grad(), fast, Progress(console=console) as progress:
-            return evaluate(model, tokenizer, cfg.eval, window, cfg.target, cache, progress,
-                            partial=directory / "heldout.partial.json")
+            result = evaluate(model, tokenizer, cfg.eval, window, cfg.target, cache, progress,
+                              partial=directory / "heldout.partial.json")
+        if ruler:
+            result.external = lmeval_ruler.run_ruler(model_dir, ruler, lengths, cfg.eval.lm_eval_limit or 4,
+                                                     directory / "lm-eval")
+        return result
 
     results: dict[str, EvalResult] = {}
     if main:
         bdir = base_eval or out / "base"
-        results["base"] = eval_cached(bdir, lambda: run_eval(load(path, device, **loaded)[0], bdir))
+        results["base"] = eval_cached(bdir, lambda: run_eval(load(path, device, **loaded)[0], bdir, path))
     _barrier(device)
 
     new_config = load_config(path, **loaded)
@@ -276,6 +288,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
                     save(model, tokenizer, sdir / "model")
                 done.write_text(json.dumps(summary))
             _barrier(device)
+            if several and stage.kind != "build":
+                model = None  # reloaded from sdir / "model" by every process that needs it
         elif stage.kind != "build":
             model = None
         current = sdir / "model" if stage.kind != "build" else current
@@ -283,13 +297,14 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
         if stage.evaluate and main:
             if model is None:
                 model, _ = load(current, device, **loaded)
-            results[stage.name] = eval_cached(sdir / "eval", lambda m=model, d=sdir / "eval": run_eval(m, d))
+            results[stage.name] = eval_cached(sdir / "eval",
+                                              lambda m=model, d=sdir / "eval", c=current: run_eval(m, d, c))
     if not main:
         return out / "report.md"
     if model is None:
         model, _ = load(current, device, config=new_config if current == path else None, **loaded)
     save(model, tokenizer, out / "model")
-    results["extended"] = eval_cached(out / "extended", lambda: run_eval(model, out / "extended"))
+    results["extended"] = eval_cached(out / "extended", lambda: run_eval(model, out / "extended", out / "model"))
     minutes = (time.time() - t0) / 60
     write_metrics(out, cfg, summaries, results, minutes)
     header = [f"- model: `{cfg.model}` (window {window:,}) → target {cfg.target:,}",
@@ -306,18 +321,9 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
     return report
 
 
-def _is_main(device: str) -> bool:
-    from accelerate import PartialState
-
-    return PartialState(cpu=device == "cpu").is_main_process
-
-
 def _barrier(device: str) -> None:
-    """Wait for every process (a no-op in one process). accelerate's state is fetched anew: stages reset it.
-    On CPU, `cpu=True` makes accelerate see torchrun's processes (it would otherwise report one)."""
-    from accelerate import PartialState
-
-    PartialState(cpu=device == "cpu").wait_for_everyone()
+    """Wait for every process (a no-op in one process). accelerate's state is fetched anew: stages reset it."""
+    distributed_state(device).wait_for_everyone()
 
 
 def write_metrics(out: Path, cfg: PipelineConfig, summaries: list[dict], results: dict[str, EvalResult],
@@ -358,7 +364,7 @@ def run_stage(stage: StageConfig, model, tokenizer, sdir: Path, cfg: PipelineCon
             model = with_lora(model, stage.lora_rank, stage.lora_train_embeddings_norms)
         resume_stage = resume and latest_checkpoint(sdir) is not None
         model = train_stage(model, rows, stage.train, sdir, resume=resume_stage, name=stage.name)
-        if stage.lora_rank:
+        if stage.lora_rank and model is not None:  # None: a sharded run's other processes
             model = model.merge_and_unload()  # a plain model again: the output needs no peft
         t = stage.train
         summary["tokens"] = t.steps * t.batch_size * t.grad_accum * stage.train_length

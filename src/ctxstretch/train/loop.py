@@ -8,12 +8,15 @@ a resumed run sees exactly the rows an uninterrupted one would.
 Distributed (`accelerate launch` with the configs in `train/accelerate/`): every process builds the same global
 batch and trains on its block of rows (and, with context parallelism, its slice of each row); the loss is written
 as per-token weights over the global batch, so N processes take the same optimizer steps as one. Only the main
-process writes metrics and replicated checkpoints; sharded engines (FSDP, ZeRO-3) add per-rank shards.
+process writes metrics and replicated checkpoints; sharded engines (FSDP, ZeRO-3) add per-rank shards, and end a
+stage with every rank gathering the full weights for the main process (`unsharded`). The process group waits
+`collective_timeout()` in a collective, so ranks can idle at a barrier while the main one evaluates or saves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import math
@@ -22,21 +25,24 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, release_memory
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from ..atomic import writing
 from ..config import ConfigError, TrainConfig, UserError
 from ..data.probes import IGNORE
 from ..hardware import precision_for
-from ..masking import attention_inputs, use_document_attention
+from ..masking import DOC_ATTENTION, attention_inputs, attention_segments, single_segment, use_document_attention
 from .loss import chunked_weighted_loss, final_hidden, supports_chunked_head
 
 Batch = dict[str, torch.Tensor]
@@ -45,6 +51,8 @@ EvalFn = Callable[[torch.nn.Module, int], dict[str, float]]
 
 
 ACCELERATE_DIR = Path(__file__).parent / "accelerate"
+TIMEOUT_ENV = "CTXSTRETCH_DIST_TIMEOUT_MIN"
+TIMEOUT_MIN = 360.0
 
 
 def accelerate_config(name: str) -> Path:
@@ -54,6 +62,29 @@ def accelerate_config(name: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"no accelerate config '{name}'; choose from {', '.join(names)}")
     return path
+
+
+def collective_timeout() -> timedelta:
+    """How long a process waits in a collective: `CTXSTRETCH_DIST_TIMEOUT_MIN` minutes, 6 hours by default.
+
+    The other ranks wait at a barrier while the main one evaluates, builds data or saves; NCCL's own default
+    (10 minutes) would kill such a job."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        minutes = float(raw) if raw else TIMEOUT_MIN
+    except ValueError:
+        minutes = math.nan
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of minutes; unset it for the 6-hour "
+                          "default")
+    return timedelta(minutes=minutes)
+
+
+def distributed_state(device: str) -> PartialState:
+    """accelerate's process state; the first call starts the process group, with `collective_timeout()`.
+
+    On CPU, `cpu=True` makes accelerate see torchrun's processes (it would otherwise report one)."""
+    return PartialState(cpu=device == "cpu", timeout=collective_timeout())
 
 
 def row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -123,6 +154,41 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def weightless_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters live on the meta device (no memory; tied ones stay tied); buffers,
+    such as rotary frequencies, are copied. Taken before sharding, it receives the gathered weights (`unsharded`)."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole weights of a prepared model, on CPU for FSDP2. Under FSDP and ZeRO-3 this is a collective every
+    rank must join, and only the main process's result is complete."""
+    if isinstance(model, FSDPModule):  # FSDP2: what accelerate's get_state_dict runs, for any device
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return accelerator.get_state_dict(model)
+
+
+def unsharded(accelerator: Accelerator, model: torch.nn.Module,
+              skeleton: torch.nn.Module | None) -> torch.nn.Module | None:
+    """Every rank gathers the sharded `model`'s weights; the main process puts them into `skeleton` (its
+    `weightless_copy` from before sharding) and returns it, a plain model; the other processes return None."""
+    weights = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    if skeleton is None:
+        raise ValueError("the main process needs the model's weightless_copy from before sharding")
+    with torch.no_grad():
+        for name, p in skeleton.named_parameters():  # each parameter once: tied ones stay one tensor
+            if name not in weights:
+                raise KeyError(f"the gathered weights lack {name}")
+            torch.utils.swap_tensors(p, torch.nn.Parameter(weights[name].detach().contiguous(), p.requires_grad))
+        for name, b in skeleton.named_buffers():
+            if name in weights:
+                b.copy_(weights[name])
+    return skeleton.eval()
+
+
 def _save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, model, optimizer, scheduler,
                      cfg: TrainConfig, stopped: bool = False, elapsed_s: float = 0.0) -> None:
     """Write `checkpoints/step-N` atomically (a temporary directory renamed by the main process).
@@ -139,7 +205,7 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, model, 
     accelerator.wait_for_everyone()
     if _sharded(accelerator):
         accelerator.save_state(str(tmp / "sharded"))
-        weights = accelerator.get_state_dict(model)  # a collective: every rank takes part
+        weights = full_state_dict(accelerator, model)
     else:
         weights = accelerator.unwrap_model(model).state_dict() if main else None
     if main:
@@ -162,11 +228,14 @@ def checkpoint_state(ckpt: Path) -> dict:
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, bool, float]:
     """Restore model, optimizer and schedule of a replicated run (before `prepare`); return (step, stopped early
-    there, training seconds so far). Sharded checkpoints restore their engine state after `prepare`."""
+    there, training seconds so far). Sharded checkpoints restore their engine state after `prepare`, except when
+    the stage had stopped there: it is not prepared again, and its gathered full weights are the result."""
     state = checkpoint_state(ckpt)
     scheduler.load_state_dict(state["scheduler"])
-    if (ckpt / "optimizer.pt").exists():
+    replicated = (ckpt / "optimizer.pt").exists()
+    if replicated or state.get("stopped", False):
         model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    if replicated:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     return int(state["step"]), bool(state.get("stopped", False)), float(state.get("elapsed_s", 0.0))
 
@@ -228,8 +297,30 @@ def weighted_loss(logits: torch.Tensor, shifted: torch.Tensor, weights: torch.Te
     return (tok.view(shifted.shape) * weights).sum()
 
 
+def pad_columns(batch: Batch, multiple: int) -> Batch:
+    """`batch` with its rows lengthened at the end to a multiple of `multiple` tokens: labels and shift_labels
+    IGNORE, weights 0, every other tensor repeating its last column (the last document goes on, its positions
+    stay in range). Attention is causal and the added tokens weigh nothing, so no loss term changes."""
+    extra = -batch["input_ids"].shape[1] % multiple
+    if not extra:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        if k in ("labels", "shift_labels"):
+            tail = torch.full_like(v[:, :1], IGNORE)
+        elif k == "weights":
+            tail = torch.zeros_like(v[:, :1])
+        else:
+            tail = v[:, -1:]
+        out[k] = torch.cat([v, tail.expand(-1, extra)], 1)
+    return out
+
+
 def local_batch(batch: Batch, lay: Layout, device) -> Batch:
-    """This process's rows of a global batch, with `shift_labels` and loss `weights` (see `token_weights`)."""
+    """This process's rows of a global batch, with `shift_labels` and loss `weights` (see `token_weights`).
+
+    With context parallelism the rows are padded to a multiple of 2·cp tokens (`pad_columns`): torch splits each
+    row into 2·cp chunks to balance the causal work, and shards unevenly otherwise."""
     rows = batch["input_ids"].shape[0]
     if rows % lay.dp:
         raise ConfigError(f"batch_size {rows} is not divisible by the {lay.dp} data-parallel processes; the global "
@@ -239,7 +330,7 @@ def local_batch(batch: Batch, lay: Layout, device) -> Batch:
     part = slice(lay.dp_rank * per, (lay.dp_rank + 1) * per)
     out = {k: v[part].to(device) for k, v in batch.items()}
     out["shift_labels"], out["weights"] = shifted[part].to(device), weights[part].to(device)
-    return out
+    return pad_columns(out, 2 * lay.cp) if lay.cp > 1 else out
 
 
 def _check_varlen_positions(segment_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
@@ -252,7 +343,46 @@ def _check_varlen_positions(segment_ids: torch.Tensor, position_ids: torch.Tenso
                         "document starts (flash-attention splits packed rows there); use sdpa for these rows")
 
 
-def _prepare_extras(model: torch.nn.Module, cfg: TrainConfig, lay: Layout) -> None:
+def _check_flash_rows(b: Batch, lay: Layout) -> None:
+    """flash-attention-2 separates packed documents only in a batch of one row: transformers derives their
+    boundaries from position_ids at batch size 1 alone, and runs plain causal attention over longer batches."""
+    rows = b["input_ids"].shape[0]
+    if rows > 1 and not single_segment(attention_segments(b["segment_ids"], b["labels"])):
+        raise ConfigError(f"attn_implementation flash_attention_2 with packed rows needs one row per process, not "
+                          f"{rows}: over several rows documents would attend to each other; set batch_size to {lay.dp} "
+                          "(one row per data-parallel process) and raise grad_accum instead, or use "
+                          "attn_implementation: sdpa")
+
+
+def check_supported(cfg: TrainConfig, lay: Layout, attn: str | None, zero3: bool, lora: bool) -> None:
+    """Refuse, in one line naming the setting and the fix, what would crash or silently train on wrong attention.
+
+    attn: the attention implementation the stage trains with; zero3: DeepSpeed ZeRO-3; lora: a peft-wrapped model."""
+    if lay.cp > 1 and attn not in ("sdpa", DOC_ATTENTION):
+        raise ConfigError(f"attn_implementation {attn} with context parallelism (cp_size {lay.cp}): torch's context "
+                          f"parallelism replaces only scaled_dot_product_attention, so {attn} would attend within "
+                          "each shard alone; set attn_implementation: sdpa")
+    if cfg.fused_loss != "liger":
+        return
+    if lay.cp > 1:
+        raise ConfigError("fused_loss liger with context parallelism is not supported; set fused_loss: none")
+    if zero3:
+        raise ConfigError("fused_loss liger under DeepSpeed ZeRO-3: liger reads lm_head.weight outside the head's "
+                          "forward, where ZeRO-3 keeps it partitioned; set fused_loss: none (the default chunked "
+                          "loss builds no full logits either) or use an FSDP config")
+    if lora:
+        raise ConfigError("fused_loss liger with LoRA (lora_rank > 0): liger patches a plain transformers model, "
+                          "not peft's wrapper; set fused_loss: none (the default chunked loss builds no full logits "
+                          "either) or lora_rank: 0")
+
+
+def _zero3(accelerator: Accelerator) -> bool:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def _prepare_extras(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Optional one-GPU extras, each refusing clearly when its package is missing."""
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("attn_implementation flash_attention_2 needs the flash-attn package (CUDA only): "
@@ -263,8 +393,6 @@ def _prepare_extras(model: torch.nn.Module, cfg: TrainConfig, lay: Layout) -> No
         if importlib.util.find_spec("liger_kernel") is None:
             raise ConfigError("fused_loss liger needs liger-kernel (CUDA/Triton): pip install liger-kernel; "
                               "or set fused_loss: none")
-        if lay.cp > 1:
-            raise ConfigError("fused_loss liger with context parallelism is not supported; set fused_loss: none")
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model, rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
@@ -292,6 +420,7 @@ def _micro_step(accelerator: Accelerator, model, base, b: Batch, cfg: TrainConfi
             accelerator.backward(loss * scale)
         return loss.item()
     if cfg.attn_implementation == "flash_attention_2":
+        _check_flash_rows(b, lay)
         _check_varlen_positions(b["segment_ids"], b["position_ids"])
         attn: dict = {"attention_mask": None}
     else:  # plain causal, per-document spans or (eager, odd segment ids) a dense mask; see ctxstretch.masking
@@ -330,30 +459,37 @@ def train_stage(
     eval_fn: EvalFn | None = None,
     name: str = "train",
     stop_when: Callable[[dict], bool] | None = None,
-) -> torch.nn.Module:
+) -> torch.nn.Module | None:
     """Train `model` in place for `cfg.steps` optimizer steps; return it (unwrapped).
 
     Under `accelerate launch` every process calls this with the same arguments: each builds the global batch
     `batch_fn(i)` (cfg.batch_size rows) and trains on its share, so N processes follow the single-process loss
     curve. `stop_when(eval_record)` may end the stage early after an evaluation (a curriculum rule such as "until
-    induction has formed"); the stage then checkpoints at that step and returns."""
+    induction has formed"); the stage then checkpoints at that step and returns.
+
+    Under a sharded engine (FSDP, DeepSpeed ZeRO-3) the main process returns a new plain model holding the
+    gathered weights (on CPU), the others None; `model` itself stays sharded and is not to be used again."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     # accelerate keeps one process-wide state; each stage (a recipe runs several) sets its own precision
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg, device), cpu=device == "cpu",
-                              gradient_accumulation_steps=cfg.grad_accum)
+                              gradient_accumulation_steps=cfg.grad_accum,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
     main = accelerator.is_main_process
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     lay = layout_of(accelerator)
+    check_supported(cfg, lay, cfg.attn_implementation or getattr(model.config, "_attn_implementation", None),
+                    _zero3(accelerator), hasattr(model, "peft_config"))
+    model.config.use_cache = False
+    skeleton = weightless_copy(model) if _sharded(accelerator) and main else None  # before any training-only change
     fsdp_ckpt = (accelerator.distributed_type == DistributedType.FSDP  # accelerate checkpoints the layers itself
                  and bool(accelerator.state.fsdp_plugin.activation_checkpointing))
     if cfg.gradient_checkpointing and not fsdp_ckpt:  # transformers ≥ 5.2 renamed it activation checkpointing
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    model.config.use_cache = False
-    _prepare_extras(model, cfg, lay)
+    _prepare_extras(model, cfg)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     metrics_path = run_dir / "metrics.jsonl"
@@ -364,7 +500,7 @@ def train_stage(
         if main:
             _truncate_metrics(metrics_path, start)
     if stopped:  # the stage had already met its stopping rule
-        return model.eval()
+        return None if _sharded(accelerator) and not main else model.eval()
     # packed rows without T × T masks (not under torch.compile: per-row document spans would recompile every step)
     restore_attn = use_document_attention(model) if lay.cp == 1 and not cfg.torch_compile else None
     _deepspeed_fill(accelerator, cfg, max(1, cfg.batch_size // lay.dp))
@@ -423,6 +559,12 @@ def train_stage(
             if stop:
                 progress.console.print(f"{name}: stopping rule met at step {done}")
                 break
+    if _sharded(accelerator):  # a sharded module is no model to save, evaluate or prepare again
+        whole = unsharded(accelerator, model, skeleton)
+        del model, base, optimizer, scheduler  # the shards and optimizer states: free them before a reload
+        accelerator.free_memory()
+        release_memory()
+        return whole
     model = accelerator.unwrap_model(model)
     model.eval()
     if restore_attn is not None:
