@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ctxstretch.cli import app
 from ctxstretch.config import ConfigError
 from ctxstretch.eval import suite
-from ctxstretch.eval.backend import VLLM_MISSING, check_backend
+from ctxstretch.eval.backend import check_backend
 from ctxstretch.eval.passkey import Grid
 from ctxstretch.eval.report import write_report
 from ctxstretch.eval.short import LMEVAL_MISSING, lm_eval_args, metrics_of, run_lm_eval, short_context_loss
@@ -115,16 +115,15 @@ def test_lm_eval_wrapper_builds_its_arguments(monkeypatch):
     assert metrics_of({}) == {}
 
 
-def test_backend_seam(monkeypatch, tmp_path, micro_model_dir):
+def test_backend_seam(tmp_path, micro_model_dir):
     assert check_backend("transformers") == "transformers"
     with pytest.raises(ConfigError, match="unknown backend 'onnx'"):
         check_backend("onnx")
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)  # as if vllm were not installed
-    with pytest.raises(ConfigError, match=r"ctxstretch\[vllm\]"):
-        check_backend("vllm")
+    with pytest.raises(ConfigError, match="ctxstretch backend setup vllm"):  # no vLLM environment there
+        check_backend("vllm", tmp_path / "no-env")
     res = runner.invoke(app, ["eval", "--model", str(micro_model_dir), "--backend", "vllm",
-                              "--out", str(tmp_path / "ev")])
-    assert res.exit_code == 2 and VLLM_MISSING in res.output and len(res.output.strip().splitlines()) == 1
+                              "--vllm-env", str(tmp_path / "no-env"), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 2 and "backend setup vllm" in res.output and len(res.output.strip().splitlines()) == 1
 
 
 def test_chat_check_skips_models_without_a_chat_template_and_scores_answers(tokenizer):

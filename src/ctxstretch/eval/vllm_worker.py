@@ -3,7 +3,8 @@ JSON reply per line on its original stdout; everything vLLM prints goes to stder
 
 Standalone on purpose: that environment has vLLM and its pinned transformers, not ctxstretch. Prompts are token
 ids (no tokenizer in the engine, so both sides see the same tokens). Requests:
-- {"op": "load", "model": DIR, "max_model_len": N, "dtype": "bfloat16"} -> {"ok": true, "seconds": s}
+- {"op": "load", "model": DIR, "max_model_len": N, "dtype": "bfloat16", "hf_overrides": {...}} -> {"ok": true,
+  "seconds": s} (hf_overrides: config fields vLLM reads differently from config.json, may be absent)
 - {"op": "score", "prompts": [[ids]], "tail": k} -> {"ok": true, "rows": [{"top": [...], "top_lp": [...],
   "tok_lp": [...]}]}: for the last k positions j (all when k is 0) that have a previous token, vLLM's top-1 token
   and its logprob at the prediction of token j, and the logprob of token j itself (teacher-forced)
@@ -55,7 +56,8 @@ def _load(request: dict):
 
     return LLM(model=request["model"], skip_tokenizer_init=True, dtype=request.get("dtype", "bfloat16"),
                max_model_len=int(request["max_model_len"]), enforce_eager=True, seed=0,
-               enable_prefix_caching=False, max_num_batched_tokens=int(request["max_model_len"]))
+               enable_prefix_caching=False, max_num_batched_tokens=int(request["max_model_len"]),
+               hf_overrides=request.get("hf_overrides") or None)
 
 
 def main() -> None:
