@@ -203,3 +203,22 @@ def test_stages_inherit_the_runs_device_and_seed_unless_they_set_their_own():
     a, b = cfg.resolved(256).stages
     assert (a.train.device, a.train.seed) == ("cpu", 7)
     assert (b.train.device, b.train.seed) == ("cpu", 3)
+
+
+def test_each_recipe_checks_its_own_claims():
+    from types import SimpleNamespace
+
+    from ctxstretch.compare import claims
+
+    def outcome(held: float, wall: float, far_loss: float, stages=None):
+        return SimpleNamespace(at=lambda kind, n, r=None: r.held if r is not None else held, wall_s=wall,
+                               stage_results=stages or {}, result=SimpleNamespace(buckets={"2048-4096": far_loss}))
+
+    base = SimpleNamespace(buckets={"2048-4096": 5.0})
+    outs = {"longrecipe": outcome(0.5, 30, 2.0, {"extend": SimpleNamespace(held=0.6)}),
+            "full": outcome(0.5, 100, 1.9), "pi": outcome(0.2, 100, 2.5),
+            "longskywork": outcome(0.4, 50, 2.2, {"sft": SimpleNamespace(held=0.3)})}
+    got = {label.split(" (")[0].split(" reaches")[0]: ok for label, ok, _ in claims(outs, base, 256, 4096)}
+    assert got == {"LongRecipe": True, "ABF beats PI on loss at positions 2048-4096": True,
+                   "the SynL long-SFT stage raises held-out retrieval @ 4,096 of the SFT model": True}
+    assert claims({"pi": outs["pi"]}, base, 256, 4096) == []  # a claim whose recipes did not run is left out

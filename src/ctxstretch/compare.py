@@ -17,11 +17,12 @@ from rich.table import Table
 
 from .eval.evidence import heldout_effective_length
 from .eval.heldout import pooled_token
+from .eval.perplexity import far_bucket
 from .eval.report import write_report
 from .eval.suite import EvalResult
 from .models import load_config, resolve
 from .plan import Shape, flops_per_token, read_shape
-from .recipes import expand, recipe_params
+from .recipes import CLAIMS, expand, recipe_params
 from .recipes.pipeline import run_pipeline
 from .rope import original_window
 
@@ -88,36 +89,9 @@ def outcome(name: str, run: Path, shape: Shape) -> Outcome:
 
 
 def claims(outs: dict[str, Outcome], base: EvalResult, window: int, target: int) -> list[tuple[str, bool, str]]:
-    """The recipes' published claims, checked on what was measured (only for recipes that were run)."""
-    checks = []
-    lr, full = outs.get("longrecipe"), outs.get("full")
-    if lr and full:
-        f = full.at("heldout", target) or 0.0
-        for label, res in (("merged", None), ("before replay/merge", lr.stage_results.get("extend"))):
-            mine = lr.at("heldout", target, res) or 0.0
-            ratio = mine / f if f else float("inf") if mine else 1.0
-            time_ratio = lr.wall_s / full.wall_s if full.wall_s else 0.0
-            checks.append((f"LongRecipe ({label}) reaches ≥ 95% of full-length held-out retrieval @ {target:,} "
-                           "in ≤ 35% of its wall time", ratio >= 0.95 and time_ratio <= 0.35,
-                           f"{mine:.0%} vs {f:.0%} ({ratio:.0%}); time {time_ratio:.0%}"))
-    abf, pi = outs.get("full"), outs.get("pi")
-    far = _far_bucket(base, target)
-    if abf and pi and far:
-        a, b = abf.result.buckets[far], pi.result.buckets[far]
-        checks.append((f"ABF beats PI on loss at positions {far} (same continual-pretraining budget)", a < b,
-                       f"ABF {a:.3f} vs PI {b:.3f}"))
-    sky = outs.get("longskywork")
-    if sky and "sft" in sky.stage_results:
-        before, after = sky.at("heldout", target, sky.stage_results["sft"]), sky.at("heldout", target)
-        if before is not None and after is not None:
-            checks.append((f"the SynL long-SFT stage raises held-out retrieval @ {target:,} of the SFT model",
-                           after > before,
-                           f"{before:.0%} → {after:.0%}"))
-    return checks
-
-
-def _far_bucket(r: EvalResult, target: int) -> str | None:
-    return next((k for k in r.buckets if k.endswith(f"-{target}")), None)
+    """The recipes' published claims (each recipe module's `claims`), checked on what was measured; a claim whose
+    recipes were not run is left out."""
+    return [c for fn in CLAIMS for c in fn(outs, base, window, target)]
 
 
 def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int, target: int, settings: dict,
@@ -125,7 +99,7 @@ def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int,
     """compare.md: one row per recipe (and per evaluated intermediate stage), the claims, and the plots."""
     goal, evaluated = target, base.passkey.lengths
     target = goal if goal in evaluated else max(evaluated)  # the longest length evaluated when short of the goal
-    far, near = _far_bucket(base, target), f"0-{window}"
+    far, near = far_bucket(base, target), f"0-{window}"
     results = {"base": base}
     for o in outs:
         results.update({f"{o.name}/{s}": r for s, r in o.stage_results.items()})

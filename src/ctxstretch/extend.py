@@ -22,6 +22,7 @@ from .config import Strict, TrainConfig, parse
 from .data.mix import ROW_KINDS
 from .defaults import CPU_PEAK_SHARE, cpu_step_seconds, derive
 from .eval.heldout import pooled_token
+from .eval.perplexity import far_bucket
 from .eval.suite import EvalConfig, EvalResult
 from .hardware import matmul_peak
 from .models import EMBEDDED, load_config, resolve
@@ -177,7 +178,7 @@ def target_checks(base: EvalResult, ext: EvalResult, window: int, target: int) -
             checks.append((f"held-out retrieval @ {far:,} ({far // window}× the window) ≥ 80% of the extended model's "
                            "own in-window score", own >= 0.8, f"{mf:.2f} vs {me:.2f} ({own:.0%})"))
     buckets = ext.buckets
-    first, last = f"0-{window}", next((k for k in buckets if k.endswith(f"-{target}")), None)
+    first, last = f"0-{window}", far_bucket(ext, target)
     if first in buckets and last:
         ratio = buckets[last] / buckets[first]
         checks.append((f"extended loss at {last} ≤ 1.1× its loss at {first}", ratio <= 1.1, f"{ratio:.2f}×"))

@@ -41,6 +41,11 @@ def token_losses(model, stream: np.ndarray, length: int, rows: int, batch_size: 
     return np.concatenate(out)
 
 
+def far_bucket(result, target: int) -> str | None:
+    """The name of `result`'s loss bucket that ends at `target` (see `default_buckets`), if it has one."""
+    return next((k for k in result.buckets if k.endswith(f"-{target}")), None)
+
+
 def loss_by_bucket(losses: np.ndarray, buckets: list[tuple[int, int]]) -> dict[str, float]:
     """Mean loss per position range; the loss at column j predicts token j+1."""
     res = {}

@@ -19,6 +19,8 @@ RECIPES: dict[str, tuple[type[RecipeParams], Callable[..., PipelineConfig]]] = {
     "longrecipe": (longrecipe.LongRecipeParams, longrecipe.pipeline),
     **{name: (baselines.BaselineParams, baselines.pipeline) for name in baselines.ROPES},
 }
+# each recipe module's published claims, checked by `compare` on what was measured
+CLAIMS = (longrecipe.claims, baselines.claims, longskywork.claims)
 
 
 def recipe_params(data: dict, where: str) -> RecipeParams:

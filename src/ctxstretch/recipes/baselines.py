@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..eval.perplexity import far_bucket
 from .base import RecipeParams
 from .pipeline import PipelineConfig, RopeConfig, StageConfig
 
@@ -32,3 +33,13 @@ def pipeline(p: BaselineParams, window: int) -> PipelineConfig:
                                   lora_rank=p.lora_rank))
     return PipelineConfig(name=name, description=f"baseline: {name}", rope=RopeConfig(method=ROPES[name]),
                           stages=stages, **p.common())
+
+
+def claims(outs: dict, base, window: int, target: int) -> list[tuple[str, bool, str]]:
+    """Llama 2 Long §4.1: ABF beats position interpolation on long-context loss at the same budget."""
+    abf, pi, far = outs.get("full"), outs.get("pi"), far_bucket(base, target)
+    if not (abf and pi and far):
+        return []
+    a, b = abf.result.buckets[far], pi.result.buckets[far]
+    return [(f"ABF beats PI on loss at positions {far} (same continual-pretraining budget)", a < b,
+             f"ABF {a:.3f} vs PI {b:.3f}")]

@@ -43,3 +43,15 @@ def pipeline(p: LongSkyworkParams, window: int) -> PipelineConfig:
     ]
     return PipelineConfig(name="longskywork", description=__doc__.splitlines()[0], rope=RopeConfig(method="abf"),
                           stages=[s for s in stages if s.train.steps > 0], **p.common())
+
+
+def claims(outs: dict, base, window: int, target: int) -> list[tuple[str, bool, str]]:
+    """§4: the SynL long-SFT stage improves long-context retrieval over the SFT model it starts from."""
+    sky = outs.get("longskywork")
+    if not (sky and "sft" in sky.stage_results):
+        return []
+    before, after = sky.at("heldout", target, sky.stage_results["sft"]), sky.at("heldout", target)
+    if before is None or after is None:
+        return []
+    return [(f"the SynL long-SFT stage raises held-out retrieval @ {target:,} of the SFT model", after > before,
+             f"{before:.0%} → {after:.0%}")]
