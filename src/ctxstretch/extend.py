@@ -136,7 +136,7 @@ def dry_run(cfg: ExtendConfig, rule: str) -> list[str]:
         seconds = rows * length * fpt * (4 / 3 if ckpt else 1) / (GPU_ASSUMED_FLOPS * 0.4)
         speed = "at 40% MFU of an H100's 989 TFLOP/s (see `ctxstretch plan` for other GPUs)"
     mem = memory_for(shape, length * t.batch_size, 1, "fp32", False, ckpt, 1)
-    mem_gb = mem["total_gb"] - mem["logits_gb"]  # the LM head runs in chunks: no full-vocabulary logits
+    mem_gb = mem["total_gb"]  # the LM head runs in chunks: one chunk's logits, not the row's
     return [f"settings: {rule}",
             f"model {cfg.model} ({shape.params / 1e6:,.0f}M parameters, window {shape.window:,}) → {cfg.target:,}, "
             f"rope {cfg.method}",

@@ -100,23 +100,33 @@ def flops_per_token(shape: Shape, length: int) -> float:
 
 
 def activation_bytes_per_token(shape: Shape, checkpointing: bool) -> float:
-    """bf16 activations kept for the backward, per token of a row, with flash/SDPA attention (no T² scores).
+    """Activations kept for the backward, per token of a row, as `train_stage` runs: bf16 autocast over fp32 master
+    weights, flash/SDPA attention (no T² scores).
 
-    Per layer: attention keeps its input, the normed input, q, k, v and the attention output
-    (4·d + 2·kv·hd values); the gated MLP its input, normed input, gate, up, act(gate) and the product
-    (2·d + 4·I) — close to Korthikanti et al. 2022's 34·d bytes for a 4·d MLP. With checkpointing only each
-    layer's input (d values) is kept, plus one layer recomputed at a time."""
+    Per layer: the residual stream stays fp32 under autocast, and each RMSNorm keeps its fp32 input and fp32 output
+    plus the bf16 copy its projection saves (2 × 10·d bytes); q, k and v in bf16 with q and k kept before and after
+    RoPE (4·(d + 2·kv), taking h·hd = d); the attention output (2·d); the gated MLP's gate, up, act(gate) and
+    product in bf16 (8·I). With checkpointing only each layer's fp32 input
+    (4·d) is kept, plus one layer recomputed at a time. Checked against `bench/bench_memory.py` (RESULTS.md)."""
     d, kv = shape.hidden, shape.kv_heads * shape.head_dim
-    layer = 2 * (4 * d + 2 * kv + 2 * d + 4 * shape.intermediate)
+    layer = 20 * d + 4 * (d + 2 * kv) + 2 * d + 8 * shape.intermediate
     if checkpointing:
-        return shape.layers * 2 * d + layer
+        return shape.layers * 4 * d + layer
     return shape.layers * layer
 
 
+LOSS_CHUNK = 2048  # tokens per chunk of the LM head + loss (`ctxstretch.train.loss`)
+
+
 def logits_bytes_per_token(shape: Shape) -> float:
-    """Full-vocabulary logits: bf16 logits + their fp32 copy + the fp32 gradient (2 + 4 + 4 bytes per entry).
-    A fused/chunked cross-entropy (liger-kernel) avoids almost all of it."""
+    """Full-vocabulary logits: bf16 logits + their fp32 copy + the fp32 gradient (2 + 4 + 4 bytes per entry) — what a
+    plain loss holds. `train_stage` runs the head in checkpointed chunks (`logits_bytes`), which avoids it."""
     return 10 * shape.vocab
+
+
+def logits_bytes(shape: Shape, tokens: float) -> float:
+    """Logits memory of the chunked LM head + loss: one chunk of LOSS_CHUNK tokens at a time, whatever the row."""
+    return min(tokens, LOSS_CHUNK) * logits_bytes_per_token(shape)
 
 
 @dataclass
@@ -141,7 +151,7 @@ def memory_for(shape: Shape, length: int, gpus: int, master: str, sharded: bool,
     out = {"weights_gb": shape.params * w / shard / GB, "grads_gb": shape.params * g / shard / GB,
            "optimizer_gb": shape.params * o / shard / GB,
            "activations_gb": tokens * activation_bytes_per_token(shape, checkpointing) / GB,
-           "logits_gb": tokens * logits_bytes_per_token(shape) / GB}
+           "logits_gb": logits_bytes(shape, tokens) / GB}
     out["total_gb"] = sum(out.values())
     return out
 
