@@ -196,6 +196,8 @@ def prepare_out(out: Path, saved_config: dict, resume: bool, force: bool) -> Non
             if saved.exists() and yaml.safe_load(saved.read_text()) != saved_config:
                 raise ConfigError(f"{out}: --resume with a different configuration than {saved}; rerun with the "
                                   "same settings, or use --force to start over")
+            if not saved.exists():  # a directory seeded with an earlier evaluation (e.g. a shared base/)
+                saved.write_text(yaml.safe_dump(saved_config, sort_keys=False))
             return
         if not force:
             raise ConfigError(f"{out} already exists; pass --resume to continue it or --force to overwrite it")
