@@ -222,3 +222,16 @@ def test_each_recipe_checks_its_own_claims():
     assert got == {"LongRecipe": True, "ABF beats PI on loss at positions 2048-4096": True,
                    "the SynL long-SFT stage raises held-out retrieval @ 4,096 of the SFT model": True}
     assert claims({"pi": outs["pi"]}, base, 256, 4096) == []  # a claim whose recipes did not run is left out
+
+
+def test_resume_into_a_seeded_directory_writes_its_config(tmp_path):
+    import yaml
+
+    from ctxstretch.recipes.pipeline import prepare_out
+
+    out = tmp_path / "run"
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "eval.json").write_text("{}")
+    prepare_out(out, {"a": 1}, resume=True, force=False)
+    assert yaml.safe_load((out / "config.yaml").read_text()) == {"a": 1}
+    assert (out / "base" / "eval.json").exists()
