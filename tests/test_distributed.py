@@ -221,6 +221,8 @@ def _worker(out: Path, mode: str) -> None:
     timeout = torch.distributed.group.WORLD._get_backend(torch.device("cpu")).options._timeout
     (out / f"rank-{state.process_index}.json").write_text(json.dumps({
         "world": state.num_processes, "backend": state.backend, "timeout_min": timeout.total_seconds() / 60}))
+    state.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # a clean exit: no gloo thread torn down mid-call
 
 
 if __name__ == "__main__":
