@@ -7,8 +7,8 @@ eval/passkey.answer_scores on both backends (transformers fp32, vLLM bf16 throug
 vLLM's greedy generation of each answer. Printed per family: exact matches on each backend, the share of probes
 whose exact-match verdict is the same, and the mean |Δ| of the answer-token accuracy.
 Throughput: one prompt of each `--lengths` through vLLM's prompt logprobs (what every probe and loss row costs)
-and through transformers (`logits_to_keep=1`), tokens per wall second (lengths past the model's window cost the
-same; vLLM's logprobs there are NaN for the default rope, see check-parity).
+and through transformers (`logits_to_keep=1`), tokens per wall second. vLLM reads the model as `eval --backend
+vllm` serves it (`vllm_eval.vllm_overrides`: the default rope's table raised to the longest length).
 Needs the vLLM environment (`ctxstretch backend setup vllm`).
 """
 
@@ -30,7 +30,7 @@ from ctxstretch.data.probes import ProbeBuilder, rng_for
 from ctxstretch.data.sources import embedded_token_stream
 from ctxstretch.eval.passkey import answer_scores
 from ctxstretch.eval.vllm_client import VllmEngine
-from ctxstretch.eval.vllm_eval import EngineLM, model_facts
+from ctxstretch.eval.vllm_eval import EngineLM, model_facts, vllm_overrides
 from ctxstretch.models import load
 from ctxstretch.realmodel import smollm2_dir
 
@@ -77,7 +77,7 @@ def throughput(model, engine: VllmEngine, stream: np.ndarray, lengths: list[int]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="local HF model directory (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--agree-lengths", default="1k,4k")
+    ap.add_argument("--agree-lengths", default="1k,4k", help="agreement lengths (empty: skip)")
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--lengths", default="4k,8k,16k", help="throughput lengths (empty: skip)")
     args = ap.parse_args()
@@ -90,16 +90,18 @@ def main() -> None:
     hf = {name: answer_scores(model, ex, batch_size=1) for name, ex in sets.items()}
     print(f"transformers scored {sum(map(len, sets.values()))} probes in {time.perf_counter() - start:.0f} s",
           flush=True)
-    with VllmEngine(base, longest + 64) as engine:
+    with VllmEngine(base, longest + 64, hf_overrides=vllm_overrides(base, longest + 64)) as engine:  # as eval
         print(f"vLLM loaded {base} in {engine.load_seconds:.0f} s", flush=True)
         view = EngineLM(engine, *model_facts(base))
         start = time.perf_counter()
         vl = {name: answer_scores(view, ex, batch_size=1) for name, ex in sets.items()}
         print(f"vLLM scored them in {time.perf_counter() - start:.0f} s", flush=True)
         gen = {name: greedy_exact(engine, ex) for name, ex in sets.items()}
-        print_agreement(sets, hf, vl, gen, agree_lengths, args.trials)
+        if agree_lengths:
+            print_agreement(sets, hf, vl, gen, agree_lengths, args.trials)
         speed = throughput(model, engine, np.tile(embedded_token_stream(tokenizer, "heldout"), 2), lengths)
     if speed:
+        print(f"\n{date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
         print("\n| length | vLLM prompt logprobs, tokens/s | transformers prefill, tokens/s |\n|---|---|---|")
         for n, v, h in speed:
             print(f"| {n:,} | {v:,.0f} | {h:,.0f} |")

