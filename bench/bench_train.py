@@ -36,7 +36,8 @@ from ctxstretch.hardware import matmul_peak  # noqa: E402
 from ctxstretch.masking import mask_for_model  # noqa: E402
 from ctxstretch.models import load, resolve  # noqa: E402
 from ctxstretch.plan import flops_per_token, read_shape  # noqa: E402
-from ctxstretch.train.loop import _param_groups, row_mean_loss, train_stage  # noqa: E402
+from ctxstretch.train.loop import param_groups, train_stage  # noqa: E402
+from ctxstretch.train.loss import row_mean_loss  # noqa: E402
 
 
 def mixed_docs(n_tokens: int, vocab: int, length: int, seed: int = 0) -> list[np.ndarray]:
@@ -74,7 +75,7 @@ def ours(model, batches, steps: int) -> float:
 def raw(model, batches, steps: int) -> float:
     """Seconds per optimizer step of the plainest loop: forward, loss, backward, AdamW."""
     model.train()
-    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
     t0 = time.perf_counter()
     for i in range(steps):
         b = batches[i % len(batches)]

@@ -24,8 +24,9 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from ctxstretch.masking import attention_inputs, use_document_attention  # noqa: E402
-from ctxstretch.train.loop import Layout, _param_groups, local_batch, token_weights, weighted_loss  # noqa: E402
-from ctxstretch.train.loss import chunked_weighted_loss, final_hidden  # noqa: E402
+from ctxstretch.train.loop import param_groups  # noqa: E402
+from ctxstretch.train.loss import chunked_weighted_loss, final_hidden, token_weights, weighted_loss  # noqa: E402  # noqa: E402
+from ctxstretch.train.parallel import Layout, local_batch  # noqa: E402
 
 GB = 1024**3
 
@@ -160,7 +161,7 @@ def main() -> None:
     results = [check_fa2(s, device), check_loss(s, device)]
     model = llama(s, device).train()
     use_document_attention(model)
-    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-5, fused=device == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-5, fused=device == "cuda")
     for length in s.step_lengths:
         for docs in (1, 2):
             try:

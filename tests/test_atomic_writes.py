@@ -20,8 +20,9 @@ from ctxstretch.atomic import DiskFullError
 from ctxstretch.cli import app
 from ctxstretch.config import TrainConfig
 from ctxstretch.data.mix import RowMixer
-from ctxstretch.train import loop
-from ctxstretch.train.loop import checkpoint_state, latest_checkpoint, plain_state_dict, train_stage
+from ctxstretch.train import checkpoints
+from ctxstretch.train.checkpoints import checkpoint_state, latest_checkpoint, plain_state_dict
+from ctxstretch.train.loop import train_stage
 from tests.conftest import micro_llama
 
 runner = CliRunner()
@@ -68,7 +69,7 @@ def _at_step_4(*args) -> bool:
 def test_full_disk_mid_checkpoint_keeps_the_last_good_one(tmp_path, tokenizer, monkeypatch, writer, kind):
     rows = _rows(tokenizer)
     if writer == "weights":
-        monkeypatch.setattr(loop, "save_file", failing(loop.save_file, _at_step_4, FULL[kind]))
+        monkeypatch.setattr(checkpoints, "save_file", failing(checkpoints.save_file, _at_step_4, FULL[kind]))
     elif writer == "optimizer":
         monkeypatch.setattr(torch, "save", failing(torch.save, _at_step_4, FULL[kind]))
     else:

@@ -41,7 +41,8 @@ def _losses(run_dir: Path) -> list[float]:
 
 def test_weighted_shares_sum_to_the_row_mean_loss(tokenizer):
     """Each rank's share of the loss (its rows, weighted over the global batch) sums to the single-process loss."""
-    from ctxstretch.train.loop import Layout, local_batch, row_mean_loss, weighted_loss
+    from ctxstretch.train.loss import row_mean_loss, weighted_loss
+    from ctxstretch.train.parallel import Layout, local_batch
     from tests.conftest import micro_llama
 
     model = micro_llama(tokenizer)
@@ -57,7 +58,7 @@ def test_weighted_shares_sum_to_the_row_mean_loss(tokenizer):
 
 def test_an_uneven_split_is_refused(tokenizer):
     from ctxstretch.config import ConfigError
-    from ctxstretch.train.loop import Layout, local_batch
+    from ctxstretch.train.parallel import Layout, local_batch
 
     with pytest.raises(ConfigError, match="not divisible"):
         local_batch(_rows(tokenizer)(0), Layout(dp_rank=0, dp=3, world=3), "cpu")
@@ -72,7 +73,7 @@ def test_shipped_accelerate_configs_load(name, monkeypatch):
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    from ctxstretch.train.loop import accelerate_config
+    from ctxstretch.train.parallel import accelerate_config
 
     path = accelerate_config(name)
     config = load_config_from_file(str(path))
@@ -109,7 +110,7 @@ def test_fsdp_configs_wrap_each_decoder_layer_of_any_architecture(name, arch, mo
     from accelerate.utils.launch import prepare_multi_gpu_env
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ctxstretch.train.loop import accelerate_config
+    from ctxstretch.train.parallel import accelerate_config
 
     args = launch_command_parser().parse_args(["--config_file", str(accelerate_config(name)), "train.py"])
     _validate_launch_command(args)
@@ -150,7 +151,8 @@ def _launch(out: Path, mode: str) -> subprocess.CompletedProcess:
 def test_two_processes_follow_the_single_process_curve_and_resume(tmp_path, tokenizer):
     from safetensors.torch import load_file
 
-    from ctxstretch.train.loop import latest_checkpoint, train_stage
+    from ctxstretch.train.checkpoints import latest_checkpoint
+    from ctxstretch.train.loop import train_stage
     from tests.conftest import micro_llama
 
     single = train_stage(micro_llama(tokenizer), _rows(tokenizer), _cfg(), tmp_path / "one")

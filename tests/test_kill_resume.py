@@ -21,7 +21,8 @@ SCRIPT = textwrap.dedent("""
     from ctxstretch.config import TrainConfig
     from ctxstretch.data.mix import RowMixer
     from ctxstretch.tiny import MODEL_DIR
-    from ctxstretch.train.loop import plain_state_dict, train_stage
+    from ctxstretch.train.checkpoints import plain_state_dict
+    from ctxstretch.train.loop import train_stage
     from safetensors.torch import save_file
     sys.path.insert(0, {root!r})
     from tests.conftest import micro_llama

@@ -6,7 +6,9 @@ import torch
 
 from ctxstretch.config import TrainConfig
 from ctxstretch.data.mix import RowMixer
-from ctxstretch.train.loop import latest_checkpoint, lr_lambda, row_mean_loss, train_stage
+from ctxstretch.train.checkpoints import latest_checkpoint
+from ctxstretch.train.loop import lr_lambda, train_stage
+from ctxstretch.train.loss import row_mean_loss
 from tests.conftest import micro_llama
 
 
@@ -98,10 +100,10 @@ def test_gpu_extras_refuse_clearly_when_missing(tmp_path, tokenizer, option, pac
 
 def test_varlen_positions_must_restart_exactly_at_document_starts():
     from ctxstretch.config import UserError
-    from ctxstretch.train.loop import _check_varlen_positions
+    from ctxstretch.train.parallel import check_varlen_positions
 
     seg = torch.tensor([[0, 0, 0, 1, 1, 2]])
-    _check_varlen_positions(seg, torch.tensor([[0, 1, 2, 0, 1, 0]]))
-    _check_varlen_positions(seg, torch.tensor([[0, 5, 90, 0, 7, 0]]))  # gaps inside a document are fine
+    check_varlen_positions(seg, torch.tensor([[0, 1, 2, 0, 1, 0]]))
+    check_varlen_positions(seg, torch.tensor([[0, 5, 90, 0, 7, 0]]))  # gaps inside a document are fine
     with pytest.raises(UserError):
-        _check_varlen_positions(seg, torch.tensor([[0, 1, 2, 3, 4, 0]]))  # a document that never restarts
+        check_varlen_positions(seg, torch.tensor([[0, 1, 2, 3, 4, 0]]))  # a document that never restarts

@@ -9,9 +9,16 @@ import torch.nn.functional as F
 from ctxstretch.config import TrainConfig
 from ctxstretch.eval.perplexity import token_losses
 from ctxstretch.masking import mask_for_model
-from ctxstretch.train.loop import token_weights, train_stage, weighted_loss
+from ctxstretch.train.loop import train_stage
 from ctxstretch.train.lora import with_lora
-from ctxstretch.train.loss import chunked_token_losses, chunked_weighted_loss, final_hidden, supports_chunked_head
+from ctxstretch.train.loss import (
+    chunked_token_losses,
+    chunked_weighted_loss,
+    final_hidden,
+    supports_chunked_head,
+    token_weights,
+    weighted_loss,
+)
 from tests.conftest import micro_llama
 
 
@@ -119,7 +126,7 @@ def test_one_packed_step_equals_a_plain_dense_mask_step(tmp_path, tokenizer, che
     """A packed row (per-document attention), an SFT row (merged padding) and the chunked head give the weights
     of one plain step: dense block-diagonal mask, full logits, AdamW — with and without gradient checkpointing
     (which re-runs the attention in backward)."""
-    from ctxstretch.train.loop import _param_groups
+    from ctxstretch.train.loop import param_groups
 
     batch = _batch(4)
     batch["segment_ids"][0, 15:] = 1
@@ -131,7 +138,7 @@ def test_one_packed_step_equals_a_plain_dense_mask_step(tmp_path, tokenizer, che
     manual = copy.deepcopy(model).train()
     trained = train_stage(model, lambda i: batch, cfg, tmp_path)
 
-    opt = torch.optim.AdamW(_param_groups(manual, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    opt = torch.optim.AdamW(param_groups(manual, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     shifted, weights = token_weights(batch["labels"])
     logits = manual(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     attention_mask=mask_for_model(manual, batch["segment_ids"]), use_cache=False).logits

@@ -42,7 +42,7 @@ from ctxstretch.masking import (  # noqa: E402
     document_spans,
     use_document_attention,
 )
-from ctxstretch.train.loop import token_weights, weighted_loss  # noqa: E402
+from ctxstretch.train.loss import token_weights, weighted_loss  # noqa: E402
 
 IGNORE = -100
 FAST = settings(max_examples=25, deadline=None)

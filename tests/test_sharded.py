@@ -23,7 +23,8 @@ TIMEOUT_MIN = "77"  # the worker's process group must wait this long, not accele
 def _train_step(model: torch.nn.Module, tokenizer, lay) -> None:
     """One SGD step on this process's share of a fixed global batch, as `train_stage` scales it (gradients are
     averaged over `lay.world` processes, the loss shares are sums)."""
-    from ctxstretch.train.loop import local_batch, weighted_loss
+    from ctxstretch.train.loss import weighted_loss
+    from ctxstretch.train.parallel import local_batch
 
     b = local_batch(_rows(tokenizer)(0), lay, "cpu")
     logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
@@ -39,7 +40,7 @@ def test_fsdp2_weights_are_gathered_into_the_one_process_directory(tmp_path, tok
     from transformers import AutoModelForCausalLM
 
     from ctxstretch.models import save
-    from ctxstretch.train.loop import Layout
+    from ctxstretch.train.parallel import Layout
     from tests.conftest import micro_llama
 
     single = micro_llama(tokenizer)
@@ -71,19 +72,20 @@ def test_a_sharded_stage_hands_back_a_new_plain_model_and_a_stopped_one_its_weig
     """train_stage's sharded ending, with one process standing in for the engine: the result is a new model (the
     given one is spent) holding exactly the weights plain training reaches; a resumed stage that had already met
     its stopping rule returns the weights it stopped with (its sharded checkpoint holds no optimizer.pt)."""
-    from ctxstretch.train import loop
+    from ctxstretch.train import checkpoints, loop
     from tests.conftest import micro_llama
 
     cfg = _cfg(steps=4, checkpoint_every=2, lr=1e-3, warmup_steps=0, eval_every=2)
     plain = loop.train_stage(micro_llama(tokenizer), _rows(tokenizer), cfg, tmp_path / "plain")
-    monkeypatch.setattr(loop, "_sharded", lambda accelerator: True)
+    monkeypatch.setattr(loop, "sharded", lambda accelerator: True)
+    monkeypatch.setattr(checkpoints, "sharded", lambda accelerator: True)
     given = micro_llama(tokenizer)
     got = loop.train_stage(given, _rows(tokenizer), cfg, tmp_path / "sharded")
     assert got is not given and not got.training and not got.is_activation_checkpointing
     assert got.lm_head.weight is got.model.embed_tokens.weight and got.config.to_dict() == plain.config.to_dict()
     for k, v in plain.state_dict().items():
         assert torch.equal(got.state_dict()[k], v), k
-    assert (loop.latest_checkpoint(tmp_path / "sharded") / "sharded").is_dir()
+    assert (checkpoints.latest_checkpoint(tmp_path / "sharded") / "sharded").is_dir()
 
     def evaluate(model, step):
         return {"step_seen": float(step)}
@@ -99,7 +101,7 @@ def test_a_sharded_stage_hands_back_a_new_plain_model_and_a_stopped_one_its_weig
 
 
 def test_the_weightless_copy_holds_no_weights_and_keeps_ties(tokenizer):
-    from ctxstretch.train.loop import weightless_copy
+    from ctxstretch.train.checkpoints import weightless_copy
     from tests.conftest import micro_llama
 
     model = micro_llama(tokenizer)
@@ -111,7 +113,7 @@ def test_the_weightless_copy_holds_no_weights_and_keeps_ties(tokenizer):
 
 def test_the_process_group_timeout_is_long_and_configurable(monkeypatch):
     from ctxstretch.config import ConfigError
-    from ctxstretch.train.loop import TIMEOUT_ENV, collective_timeout
+    from ctxstretch.train.parallel import TIMEOUT_ENV, collective_timeout
 
     monkeypatch.delenv(TIMEOUT_ENV, raising=False)
     assert collective_timeout() == timedelta(hours=6)
@@ -127,7 +129,8 @@ def test_context_parallel_rows_are_padded_without_changing_the_loss(tokenizer):
     """Rows of 46 tokens over cp 2 become 48 (a multiple of 2·cp); the padding is ignored and weighs nothing, so
     each data-parallel rank's loss share, and their sum, equal the unpadded ones."""
     from ctxstretch.data.probes import IGNORE
-    from ctxstretch.train.loop import Layout, local_batch, row_mean_loss, weighted_loss
+    from ctxstretch.train.loss import row_mean_loss, weighted_loss
+    from ctxstretch.train.parallel import Layout, local_batch
     from tests.conftest import micro_llama
 
     model = micro_llama(tokenizer)
@@ -157,7 +160,7 @@ def test_context_parallel_rows_are_padded_without_changing_the_loss(tokenizer):
 
 
 def test_rows_already_a_multiple_of_two_cp_are_left_alone(tokenizer):
-    from ctxstretch.train.loop import Layout, local_batch, pad_columns
+    from ctxstretch.train.parallel import Layout, local_batch, pad_columns
 
     batch = _rows(tokenizer)(0)  # 48 tokens: a multiple of 2·cp for cp 2, 3 and 4
     assert local_batch(batch, Layout(cp=4, world=4), "cpu")["input_ids"].shape == (4, 48)
@@ -180,7 +183,7 @@ def _cfg(**kw):
 ])
 def test_combinations_that_cannot_work_are_refused_in_one_line(kw, lay, attn, zero3, lora, match):
     from ctxstretch.config import ConfigError
-    from ctxstretch.train.loop import Layout, check_supported
+    from ctxstretch.train.parallel import Layout, check_supported
 
     with pytest.raises(ConfigError, match=match) as e:
         check_supported(_cfg(**kw), Layout(**lay), attn, zero3, lora)
@@ -189,7 +192,7 @@ def test_combinations_that_cannot_work_are_refused_in_one_line(kw, lay, attn, ze
 
 def test_supported_combinations_pass():
     from ctxstretch.masking import DOC_ATTENTION
-    from ctxstretch.train.loop import Layout, check_supported
+    from ctxstretch.train.parallel import Layout, check_supported
 
     check_supported(_cfg(), Layout(cp=2, world=2), "sdpa", True, True)
     check_supported(_cfg(), Layout(cp=2, world=2), DOC_ATTENTION, False, False)
@@ -214,17 +217,17 @@ def test_flash_attention_refuses_packed_rows_beyond_one_per_process(tokenizer):
     process are refused; one packed row, or several one-document rows (trailing padding included), pass."""
     from ctxstretch.config import ConfigError
     from ctxstretch.data.probes import IGNORE
-    from ctxstretch.train.loop import Layout, _check_flash_rows
+    from ctxstretch.train.parallel import Layout, check_flash_rows
 
     ids = torch.arange(12).view(2, 6)
     packed = {"input_ids": ids, "segment_ids": torch.tensor([[0, 0, 0, 1, 1, 1]] * 2), "labels": ids.clone()}
     with pytest.raises(ConfigError, match="one row per process, not 2.*batch_size to 2") as e:
-        _check_flash_rows(packed, Layout(dp=2, world=2))
+        check_flash_rows(packed, Layout(dp=2, world=2))
     assert "\n" not in str(e.value)
-    _check_flash_rows({k: v[:1] for k, v in packed.items()}, Layout())
+    check_flash_rows({k: v[:1] for k, v in packed.items()}, Layout())
     padded_labels = ids.clone()
     padded_labels[:, 3:] = IGNORE  # one document, then padding (its own segment, unlabelled)
-    _check_flash_rows({**packed, "labels": padded_labels}, Layout())
+    check_flash_rows({**packed, "labels": padded_labels}, Layout())
 
 
 def _worker(out: Path) -> None:
@@ -236,7 +239,8 @@ def _worker(out: Path) -> None:
 
     from ctxstretch.models import save
     from ctxstretch.tiny import MODEL_DIR
-    from ctxstretch.train.loop import Layout, distributed_state, unsharded, weightless_copy
+    from ctxstretch.train.checkpoints import unsharded, weightless_copy
+    from ctxstretch.train.parallel import Layout, distributed_state
     from tests.conftest import micro_llama
 
     state = distributed_state("cpu")  # starts the process group, as the pipeline does first

@@ -86,6 +86,8 @@ def extend(
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank via peft (0: full fine-tuning)")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    log_with: Annotated[str, typer.Option(help="trackers beside metrics.jsonl, comma-separated: tensorboard, "
+                                          "trackio, wandb (offline)")] = "",
     config: Annotated[Path | None, typer.Option(help="a config.yaml from an earlier run (flags are ignored)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
@@ -107,7 +109,8 @@ def extend(
             cfg = load_extend_config(config)
         else:
             train = {"device": device, **({"steps": steps} if steps is not None else {}),
-                     **({"lr": lr} if lr is not None else {})}
+                     **({"lr": lr} if lr is not None else {}),
+                     "log_with": [n.strip() for n in log_with.split(",") if n.strip()]}
             cfg = parse(ExtendConfig, {"model": model, "target": target, "positions": positions,
                                        "train_length": train_length, "trust_remote_code": trust_remote_code,
                                        "lora_rank": lora_rank, "allow_bin": allow_bin, "train": train,
@@ -161,7 +164,7 @@ def eval_cmd(
         from .eval.suite import EvalConfig, doublings, evaluate
         from .models import load, load_config, resolve
         from .rope import original_window
-        from .train.loop import resolve_device
+        from .train.parallel import resolve_device
 
         asked = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
         ruler_tasks = [t for t in asked if t in lmeval_ruler.TASKS]  # run in lm-eval's own environment

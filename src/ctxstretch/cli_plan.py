@@ -58,7 +58,7 @@ def register(app: typer.Typer, guarded: Callable[[Callable[[], object]], None], 
         """Print the path of a shipped accelerate config, for `accelerate launch --config_file $(...)`."""
 
         def go() -> None:
-            from .train.loop import accelerate_config
+            from .train.parallel import accelerate_config
 
             typer.echo(str(accelerate_config(name)))
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class UserError(ValueError):
@@ -48,6 +49,9 @@ def check_writable(out) -> None:
         raise ConfigError(f"{out}: cannot create it ({parent} is not a writable folder); choose another --out")
 
 
+TRACKERS = ("tensorboard", "trackio", "wandb")  # accelerate trackers behind `log_with`
+
+
 class TrainConfig(Strict):
     """One training stage."""
 
@@ -73,6 +77,20 @@ class TrainConfig(Strict):
     fused_loss: str = Field("none", pattern="^(none|liger)$",
                             description="liger: liger-kernel fused linear cross-entropy (no full logits; GPU)")
     torch_compile: bool = Field(False, description="torch.compile the model for training")
+    log_with: list[str] = Field(default_factory=list,
+                                description="accelerate trackers beside metrics.jsonl: tensorboard, trackio, wandb")
+
+    @field_validator("log_with")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        """An unknown tracker, or one whose package is missing, is refused before anything runs."""
+        for name in names:
+            if name not in TRACKERS:
+                raise ConfigError(f"unknown tracker '{name}'; choose from {', '.join(TRACKERS)}")
+            if importlib.util.find_spec(name) is None and not (
+                    name == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None):
+                raise ConfigError(f"tracker {name} needs the {name} package: pip install {name}")
+        return names
 
 
 def parse(model: type[BaseModel], data: dict[str, Any], where: str) -> BaseModel:

@@ -31,7 +31,7 @@ from .positions import METHODS as POSITION_METHODS
 from .recipes.pipeline import DataConfig, PipelineConfig, RopeConfig, StageConfig, load_yaml, run_pipeline
 from .rope import METHODS as ROPE_METHODS
 from .rope import default_target, original_window
-from .train.loop import resolve_device
+from .train.parallel import resolve_device
 
 # Chosen on the held-out families (README "Results"): plain text plus span-repetition rows, no probe templates.
 DEFAULT_MIX = {"text": 0.6, "text_copy": 0.2, "random_copy": 0.2}

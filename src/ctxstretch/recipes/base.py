@@ -8,7 +8,7 @@ from ..config import Strict, TrainConfig
 from ..defaults import derive
 from ..eval.suite import EvalConfig
 from ..rope import default_target
-from ..train.loop import resolve_device
+from ..train.parallel import resolve_device
 from .pipeline import DataConfig
 
 # The base model's kind of data. For the embedded model that is its own pretraining mix (the corpus plus the

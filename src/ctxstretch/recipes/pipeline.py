@@ -30,9 +30,11 @@ from ..models import load, load_config, resolve, save
 from ..positions import METHODS as POSITION_METHODS
 from ..rope import METHODS as ROPE_METHODS
 from ..rope import apply_rope, default_target, original_window
-from ..train.loop import checkpoint_state, distributed_state, latest_checkpoint, resolve_device, train_stage
+from ..train.checkpoints import checkpoint_state, latest_checkpoint
+from ..train.loop import train_stage
 from ..train.lora import with_lora
 from ..train.merge import linear_merge
+from ..train.parallel import distributed_state, resolve_device
 from .rows import BUILDERS, build_stage_data, stage_rows
 
 

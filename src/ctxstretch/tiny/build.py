@@ -26,7 +26,8 @@ from ..data.probes import IGNORE, ProbeBuilder, rng_for
 from ..data.sources import embedded_documents, embedded_token_stream
 from ..eval.passkey import retrieval_grid
 from ..eval.perplexity import token_losses
-from ..train.loop import checkpoint_state, latest_checkpoint, plain_state_dict, train_stage
+from ..train.checkpoints import checkpoint_state, latest_checkpoint, plain_state_dict
+from ..train.loop import train_stage
 from .tokenizer import train_tokenizer
 
 WINDOW = 256

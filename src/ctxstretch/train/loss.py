@@ -23,20 +23,19 @@ from ..data.probes import IGNORE
 CHUNK_TOKENS = 2048
 
 
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor,
-                weight: torch.Tensor) -> torch.Tensor:
-    """Σ weight · cross-entropy for hidden (N, d), target (N,), weight (N,); logits (N, V) in fp32 as the model's."""
-    logits = head(hidden).float()
-    return (F.cross_entropy(logits, target, reduction="none") * weight).sum()
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (N,) for hidden (N, d), target (N,); logits (N, V) in fp32 as the model's."""
+    return F.cross_entropy(head(hidden).float(), target, reduction="none")
 
 
 def chunked_weighted_loss(head: torch.nn.Module, hidden: torch.Tensor, shifted: torch.Tensor, weights: torch.Tensor,
-                          chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Σ weights · cross-entropy(head(hidden), shifted) — `train.loop.weighted_loss` without whole-row logits.
+                          chunk_tokens: int = CHUNK_TOKENS, out_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ weights · cross-entropy(head(hidden), shifted) — `weighted_loss` without whole-row logits.
 
     hidden (B, T, d): the decoder's final (normed) hidden states; shifted (B, T): the token predicted at each
     position (IGNORE where none); weights (B, T) fp32 per-token loss weights (zero where shifted is IGNORE).
-    Returns a scalar; gradients reach `hidden` and the head's parameters."""
+    Returns a scalar; gradients reach `hidden` and the head's parameters. out_tokens (B, T), when given, receives
+    each scored token's cross-entropy (detached; 0 elsewhere)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     keep = torch.nonzero((shifted.reshape(-1) != IGNORE) & (weights.reshape(-1) != 0)).flatten()
     if keep.numel() == 0:
@@ -46,11 +45,54 @@ def chunked_weighted_loss(head: torch.nn.Module, hidden: torch.Tensor, shifted: 
     for s in range(0, len(keep), chunk_tokens):
         part = slice(s, s + chunk_tokens)
         if torch.is_grad_enabled():
-            loss = checkpoint(_chunk_loss, head, h[part], y[part], w[part], use_reentrant=False)
+            tok = checkpoint(_chunk_loss, head, h[part], y[part], use_reentrant=False)
         else:
-            loss = _chunk_loss(head, h[part], y[part], w[part])
+            tok = _chunk_loss(head, h[part], y[part])
+        if out_tokens is not None:
+            out_tokens.view(-1)[keep[part]] = tok.detach()
+        loss = (tok * w[part]).sum()
         total = loss if total is None else total + loss
     return total
+
+
+def row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged per row, then over rows with any label, so short answers weigh as much as text.
+
+    logits (B, T, V), labels (B, T) aligned with the inputs (the prediction for token t comes from t-1)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                          reduction="none").view(labels.shape)
+    mask = labels != IGNORE
+    count = mask.sum(1)
+    has = count > 0
+    per_row = (tok * mask).sum(1)[has] / count[has]
+    return per_row.mean() if has.any() else logits.sum() * 0.0
+
+
+def token_weights(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shifted labels, weights), both (B, T), for the loss of one *global* batch.
+
+    shifted[:, t] is the token predicted at position t (IGNORE at the end); weights[r, t] = 1 / (n_r · R), n_r the
+    labelled tokens of row r and R the rows with any label, so Σ weights · token loss equals `row_mean_loss`.
+    Computed before the batch is split over ranks (rows) and context-parallel ranks (tokens), each rank's weighted
+    sum is its exact share of the global loss."""
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], 1)
+    mask = shifted != IGNORE
+    count = mask.sum(1, keepdim=True)
+    rows = int((count > 0).sum())
+    return shifted, mask / (count.clamp(min=1) * max(rows, 1))
+
+
+def weighted_loss(logits: torch.Tensor, shifted: torch.Tensor, weights: torch.Tensor,
+                  out_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ weights · cross-entropy; logits (B, T, V) predict `shifted` (B, T) position by position.
+    out_tokens (B, T), when given, receives each token's cross-entropy (detached; 0 where `shifted` is IGNORE)."""
+    tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE,
+                          reduction="none")
+    if out_tokens is not None:
+        out_tokens.copy_(tok.detach().view(shifted.shape))
+    return (tok.view(shifted.shape) * weights).sum()
+
 
 
 def chunked_token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
