@@ -24,9 +24,10 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from ctxstretch.data.cip import iter_cip_rows  # noqa: E402
 from ctxstretch.data.impactful import digit_vocab, impactful_rows  # noqa: E402
-from ctxstretch.data.packing import iter_packed, tokenize_batches  # noqa: E402
+from ctxstretch.data.packing import iter_packed  # noqa: E402
 from ctxstretch.data.sentences import BoundaryVocab  # noqa: E402
 from ctxstretch.data.sources import embedded_documents  # noqa: E402
+from ctxstretch.data.tokens import tokenize_batches  # noqa: E402
 from ctxstretch.tiny import MODEL_DIR  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from datetime import date
 
 import torch
 
-from ctxstretch.cli import _ints
+from ctxstretch.cli.common import ints
 from ctxstretch.data.probes import ProbeBuilder
 from ctxstretch.data.ruler import TASKS, RulerBuilder
 from ctxstretch.data.sources import embedded_token_stream
@@ -69,7 +69,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, device {args.device}, clock {clock.__name__}, {date.today()}")
     print("| length | probes | probes/s | eval tokens/s | raw forward tokens/s | ratio |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for n in _ints(args.lengths):
+    for n in ints(args.lengths):
         run_eval(model, probes, ruler, n, 1, args.batch)  # warm-up (and probe-text caches)
         count = (2 * len(DEPTHS) + len(TASKS)) * args.trials
         ids = torch.randint(0, len(tok), (count, n), device=args.device)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctxstretch.cli import _ints
+from ctxstretch.cli.common import ints
 from ctxstretch.data.families import HELD_OUT
 from ctxstretch.data.heldout import HeldoutBuilder
 from ctxstretch.data.probes import ProbeBuilder, rng_for
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="4k,8k,16k", help="throughput lengths (empty: skip)")
     args = ap.parse_args()
     base = Path(args.model) if args.model else smollm2_dir()
-    agree_lengths, lengths = _ints(args.agree_lengths), _ints(args.lengths)
+    agree_lengths, lengths = ints(args.agree_lengths), ints(args.lengths)
     model, tokenizer = load(base)
     longest = max([*agree_lengths, *lengths])
     sets = probes(tokenizer, agree_lengths, args.trials)

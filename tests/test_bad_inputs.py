@@ -129,7 +129,7 @@ CASES: dict[str, Case] = {
     "missing-source": Case("data pack {tmp}/nope.jsonl --length 16 --out {out}",
                            ("nope.jsonl: no such file or folder", "pass text/JSONL")),
     "data-zero-length": Case("data pack {bad}/malformed.jsonl --length 0 --out {out}",
-                             ("--length 0 must be at least 2",)),
+                             ("length 0 must be at least 2",)),
     "data-bad-policy": Case("data pack {bad}/malformed.jsonl --on-bad-record ignore --out {out}",
                             ("--on-bad-record must be fail or skip",)),
     "data-existing-out": Case("data pack {bad}/malformed.jsonl --length 16 --out {out}",

@@ -54,3 +54,43 @@ def test_allow_bin_loads_pickled_weights_safely(tmp_path, micro_model_dir):
 
     model, _ = load(micro_model_dir, allow_bin=True)
     assert torch.equal(model.state_dict()["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
+
+
+def test_the_guard_turns_user_errors_and_a_full_disk_into_one_line(tmp_path):
+    import errno
+
+    import typer
+
+    from ctxstretch.cli.common import guarded
+    from ctxstretch.config import ConfigError
+
+    mini = typer.Typer()
+
+    @mini.command()
+    @guarded
+    def go(what: str = "config") -> None:
+        """Fail as asked."""
+        if what == "config":
+            raise ConfigError("--what: bad [value]")
+        if what == "disk":
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "f"))
+        if what == "stop":
+            raise KeyboardInterrupt
+        raise RuntimeError("a bug")
+
+    res = runner.invoke(mini, ["--what", "config"])
+    assert (res.exit_code, res.output.strip()) == (2, "error: --what: bad [value]")
+    res = runner.invoke(mini, ["--what", "disk"])
+    assert res.exit_code == 2 and "f: disk full" in res.output and len(res.output.strip().splitlines()) == 1
+    assert runner.invoke(mini, ["--what", "stop"]).exit_code == 130
+    assert isinstance(runner.invoke(mini, ["--what", "bug"]).exception, RuntimeError)  # bugs keep their traceback
+
+
+def test_commands_register_one_way():
+    """No command module imports the package that assembles them (only `python -m`'s __main__ does)."""
+    from tests.test_imports import import_graph
+
+    graph = import_graph()
+    modules = [m for m in graph if m.startswith("ctxstretch.cli.") and m != "ctxstretch.cli.__main__"]
+    assert {"ctxstretch.cli.common", "ctxstretch.cli.run", "ctxstretch.cli.evaluate"} <= set(modules)
+    assert [m for m in modules if "ctxstretch.cli" in graph[m]] == []

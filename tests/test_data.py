@@ -22,11 +22,11 @@ from ctxstretch.data.packing import (
     pack_rows,
     plan_documents,
     source_multipliers,
-    tokenize_batches,
 )
 from ctxstretch.data.probes import IGNORE
 from ctxstretch.data.readers import BadRecords, DataError, Document, read_documents, read_sources
 from ctxstretch.data.synl import KINDS, synl_example, synl_row
+from ctxstretch.data.tokens import tokenize_batches
 from ctxstretch.masking import mask_for_model
 from tests.conftest import micro_llama
 

@@ -310,3 +310,52 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args):
     lines = [ln for ln in out.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in out, out
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.tmp").exists()
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_every_registered_builder_has_a_python_api_with_its_arguments_signature():
+    import inspect
+
+    assert set(builders.REGISTRY) == {"pack", "cip", "synl", "selfinstruct", "impactful", "probes"}
+    for kind, spec in builders.REGISTRY.items():
+        sig = inspect.signature(getattr(builders, f"build_{kind}"))
+        params = list(sig.parameters)
+        assert params[: len(spec.positional) + 1] == [*spec.positional, "out"], kind
+        assert set(params) == {*spec.args.model_fields, "out", "force", "command"}, kind
+        for name, field in spec.args.model_fields.items():
+            if name not in spec.positional and not field.is_required():
+                assert sig.parameters[name].default == field.get_default(call_default_factory=True), (kind, name)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda out: builders.build_pack(["embedded"], out, length=1), "length 1 must be at least 2"),
+    (lambda out: builders.build_cip(["embedded"], out, interleave="zigzag"), "interleave must be round-robin"),
+    (lambda out: builders.build_synl(out, lengths=[], count=1), "give lengths"),
+    (lambda out: builders.build_probes(out, lengths=[128], kinds=["bogus"]), "kinds: bogus unknown"),
+    (lambda out: builders.build_probes(out, lengths=[128], seed=2**41), "must be in [0, 2**40)"),
+    (lambda out: builders.build_impactful(["embedded"], out, base="embedded"), "base needs scorer"),
+    (lambda out: builders.build_selfinstruct(["embedded"], out, length=8), "length must be ≥ 16"),
+    (lambda out: builders.build_pack(["embedded"], out, length="many"), "field 'length'"),
+])
+def test_python_api_errors_name_arguments_not_command_line_flags(tmp_path, call, message):
+    from ctxstretch.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        call(tmp_path / "out")
+    assert message in str(e.value) and "--" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_builder_takes_typed_arguments_and_the_api_takes_paths(tmp_path):
+    import datasets
+
+    from ctxstretch.data.builders.synth import SynlArgs
+    from ctxstretch.tiny import MODEL_DIR
+
+    a = builders.run_builder("synl", SynlArgs(lengths=[200], count=1, seed=3), tmp_path / "a")
+    b = builders.build_synl(tmp_path / "b", lengths=[200], count=1, seed=3, model=Path(MODEL_DIR))
+    assert a.rows == b.rows == 1
+    assert datasets.load_from_disk(str(tmp_path / "a"))["input_ids"] == datasets.load_from_disk(
+        str(tmp_path / "b"))["input_ids"]
+    with pytest.raises(TypeError):
+        builders.build_synl(tmp_path / "c", lengths=[200], cuont=1)  # like any Python function

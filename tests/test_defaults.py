@@ -58,6 +58,12 @@ def test_pretrained_on_cpu_fits_its_time_budget_and_on_gpu_its_token_budget():
         train_defaults(params=135_000_000, embedded=False, train_length=9830, device="cpu")
 
 
+def test_given_steps_set_the_warmup_and_the_printed_rule():
+    d = train_defaults(params=135_000_000, embedded=False, train_length=4096, device="cpu", given_steps=77)
+    assert (d.steps, d.warmup_steps) == (77, 3)
+    assert "77 steps as given" in d.rule and "warm-up 3" in d.rule and "fit" not in d.rule
+
+
 def test_warmup_and_risky_lr_warning():
     assert warmup_for(200, True) == 20 and warmup_for(50, True) == 5
     assert warmup_for(10, False) == 2 and warmup_for(400, False) == 20

@@ -55,6 +55,64 @@ def test_llama2_long_curriculum_shares_one_budget():
     assert sum(s.train.steps for s in cpt) == 90
 
 
+def _stages(data: dict, window: int = 256) -> dict[str, int]:
+    """stage name → optimizer steps (None for a stage that does not train) of a recipe's resolved pipeline."""
+    pipe = pipeline_from(data, "x", lambda model: window).resolved(window)
+    return {s.name: s.train.steps if s.kind == "train" else None for s in pipe.stages}
+
+
+@pytest.mark.parametrize("data,dropped", [
+    ({"recipe": "longskywork", "sft_fraction": 0}, {"sft"}),
+    ({"recipe": "longskywork", "long_sft_fraction": 0}, {"long-sft"}),
+    ({"recipe": "longskywork", "sft_fraction": 0, "long_sft_fraction": 0}, {"sft", "long-sft"}),
+    ({"recipe": "longrecipe", "replay_fraction": 0}, {"replay"}),
+    ({"recipe": "llama2-long", "sft_fraction": 0}, {"qa-data", "sft"}),
+])
+def test_a_zero_fraction_drops_its_stage(data, dropped):
+    full = _stages({**data, **{k: 0.2 for k in data if k.endswith("fraction")}, "steps": 50})
+    got = _stages({**data, "steps": 50})
+    assert set(full) - set(got) == dropped and all(v is None or v > 0 for v in got.values()), got
+
+
+@pytest.mark.parametrize("recipe", ["longskywork", "longrecipe", "llama2-long"])
+def test_no_budget_means_no_side_stage(recipe):
+    """steps 0 (training-free): no SFT, replay or self-instruct stage runs a step or builds data for nothing."""
+    got = _stages({"recipe": recipe, "steps": 0})
+    assert all(v == 0 for v in got.values() if v is not None)
+    assert not {"sft", "long-sft", "replay", "qa-data"} & set(got)
+
+
+def test_a_small_fraction_of_a_positive_budget_is_one_step_and_zero_is_zero():
+    from ctxstretch.recipes.base import share, split
+
+    assert share(10, 0.01) == 1 and share(10, 0.0) == 0 and share(0, 0.5) == 0 and share(10, 0.26) == 3
+    for steps in range(0, 7):
+        for parts in range(1, 5):
+            assert sum(split(steps, parts)) == steps and min(split(steps, parts)) >= 0
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 5])
+def test_a_curriculum_never_gets_a_negative_step_count(steps):
+    got = _stages({"recipe": "llama2-long", "steps": steps, "curriculum": [0.1, 0.25, 0.5, 0.75], "sft_fraction": 0})
+    assert "cpt" in got and all(v >= 0 for v in got.values()) and sum(got.values()) == steps
+    assert all(v > 0 for k, v in got.items() if k != "cpt")  # an earlier stage left without steps is dropped
+
+
+def test_curriculum_shares_below_the_window_train_once_at_the_window():
+    got = _stages({"recipe": "llama2-long", "steps": 9, "curriculum": [0.01, 0.02, 0.5], "sft_fraction": 0})
+    assert list(got) == ["cpt-256", "cpt-2048", "cpt"] and sum(got.values()) == 9
+    with pytest.raises(ConfigError, match="curriculum"):
+        _stages({"recipe": "llama2-long", "curriculum": [0.5, 1.0]})
+
+
+def test_an_explicit_zero_is_kept_not_replaced_by_the_default():
+    from ctxstretch.recipes.llama2_long import Llama2LongParams
+
+    p, _ = Llama2LongParams(recipe="llama2-long", steps=40, lr=1e-3).resolved(256)
+    assert p.train(0).steps == 0 and p.train(None).steps == 40
+    assert p.train(lr=5e-4).lr == 5e-4 and p.train().lr == 1e-3
+
+
 @pytest.mark.parametrize("data,message", [
     ({"recipe": "longrecpe"}, "did you mean 'longrecipe'"),
     ({"recipe": "longrecipe", "stpes": 3}, "did you mean 'steps'"),
@@ -65,6 +123,9 @@ def test_llama2_long_curriculum_shares_one_budget():
     ({"stages": [{"name": "a"}, {"name": "a"}]}, "two stages are named 'a'"),
     ({"target": 100, "stages": [{"name": "a"}]}, "must be larger than the model's window"),
     ({"model": "embedded"}, "give either 'recipe: NAME'"),
+    ({"stages": [{"name": "a", "build": {"kind": "synl"}, "merge": {}}]}, "sets both 'build' and 'merge'"),
+    ({"stages": [{"name": "a", "build": {"kind": "synl", "args": {"count": 0}}}]},
+     "stages[0] (a): build.args: give lengths"),
 ])
 def test_bad_recipe_files_are_refused_before_anything_runs(tmp_path, data, message):
     path = tmp_path / "recipe.yaml"
@@ -99,7 +160,7 @@ def test_pipeline_stages_resume_and_output_loads_plainly(tmp_path, micro128, mon
     """A run killed in its second stage resumes without redoing the first; every stage leaves a loadable model."""
     from transformers import AutoModelForCausalLM
 
-    from ctxstretch.recipes import pipeline as pipeline_mod
+    from ctxstretch.recipes import stages as stages_mod
 
     cfg = PipelineConfig.model_validate({
         "model": str(micro128), "target": 512, "rope": {"method": "yarn"}, "eval": TINY_EVAL,
@@ -111,7 +172,7 @@ def test_pipeline_stages_resume_and_output_loads_plainly(tmp_path, micro128, mon
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(pipeline_mod, "linear_merge", crash)
+    monkeypatch.setattr(stages_mod, "linear_merge", crash)
     with pytest.raises(RuntimeError, match="killed"):
         run_pipeline(cfg, out)
     first = out / "stages" / "long" / "model" / "model.safetensors"
@@ -163,7 +224,7 @@ def test_a_stage_trains_on_a_ctxstretch_data_directory(tmp_path, micro128):
     from ctxstretch.data.builders import build_synl
     from ctxstretch.data.mix import DatasetRows
     from ctxstretch.data.readers import DataError
-    from ctxstretch.recipes.pipeline import StageConfig
+    from ctxstretch.recipes.config import StageConfig
     from ctxstretch.recipes.rows import stage_rows
     from ctxstretch.tiny import MODEL_DIR
 
@@ -197,8 +258,6 @@ def test_a_training_free_recipe_writes_the_new_rope(tmp_path, micro128):
 
 
 def test_stages_inherit_the_runs_device_and_seed_unless_they_set_their_own():
-    from ctxstretch.recipes.pipeline import PipelineConfig
-
     cfg = PipelineConfig(device="cpu", seed=7, stages=[{"name": "a"}, {"name": "b", "train": {"seed": 3}}])
     a, b = cfg.resolved(256).stages
     assert (a.train.device, a.train.seed) == ("cpu", 7)

@@ -25,6 +25,7 @@ from .plan import Shape, flops_per_token, read_shape
 from .recipes import CLAIMS, expand, recipe_params
 from .recipes.pipeline import run_pipeline
 from .rope import original_window
+from .rundir import CompareDir, RunDir
 
 
 @dataclass
@@ -63,28 +64,27 @@ def run_compare(names: list[str], out: Path, *, model: str = "embedded", target:
                  "batch_size": settings.get("batch_size", first.batch_size)}
     params = [recipe_params({"recipe": n, **settings}, "--recipes") for n in names]
     out.mkdir(parents=True, exist_ok=True)
+    cmp = CompareDir(out)
     outcomes = []
     for p in params:
         pipeline = expand(p, window)
-        run = out / p.recipe
-        finished = (run / "extended" / "eval.json").exists()
-        if not finished:
-            run_pipeline(pipeline, run, resume=run.exists(), console=console, base_eval=out / "base",
+        run = cmp.run(p.recipe)
+        if not run.finished:
+            run_pipeline(pipeline, run.root, resume=run.root.exists(), console=console, base_eval=cmp.base.root,
                          title=f"ctxstretch compare: {p.recipe}")
         outcomes.append(outcome(p.recipe, run, read_shape(path)))
     resolved = expand(params[0], window).resolved(window)
-    base = EvalResult.load(out / "base")
+    base = EvalResult.load(cmp.base.root)
     return write_compare(out, outcomes, base, window, resolved.target, settings, console)
 
 
-def outcome(name: str, run: Path, shape: Shape) -> Outcome:
+def outcome(name: str, run: RunDir, shape: Shape) -> Outcome:
     """Read a finished run directory back."""
-    summaries = [json.loads(p.read_text()) for p in sorted((run / "stages").glob("*/done.json"))]
-    evaluated = sorted(d.parent.parent for d in (run / "stages").glob("*/eval/eval.json"))
-    stage_results = {d.name: EvalResult.load(d / "eval") for d in evaluated}
+    summaries = [sd.summary() for sd in run.finished_stages()]
+    stage_results = {sd.name: EvalResult.load(sd.eval.root) for sd in run.evaluated_stages()}
     tokens = sum(s.get("tokens", 0) for s in summaries)
     flops = sum(s["tokens"] * flops_per_token(shape, s["train_length"]) for s in summaries if s.get("tokens"))
-    return Outcome(name, EvalResult.load(run / "extended"), stage_results, tokens,
+    return Outcome(name, EvalResult.load(run.extended.root), stage_results, tokens,
                    sum(s.get("wall_s", 0.0) for s in summaries), flops)
 
 
@@ -144,7 +144,7 @@ def write_compare(out: Path, outs: list[Outcome], base: EvalResult, window: int,
                   *[f"| {c} | {m} | {'yes' if ok else '**no**'} |" for c, ok, m in checks], ""]
     lines += ["## Plots", "", "![needle](needle.png)", "", "![passkey](passkey.png)", "",
               "![loss by position](loss_by_position.png)", "", "All models side by side: [report.md](report.md).", ""]
-    path = out / "compare.md"
+    path = CompareDir(out).table
     path.write_text("\n".join(lines))
     table = Table(*head, title="compare")
     for r in rows:

@@ -60,9 +60,10 @@ def pretrained_lr(params: int) -> float:
 
 
 def train_defaults(*, params: int, embedded: bool, train_length: int, device: str,
-                   step_seconds: float | None = None) -> TrainDefaults:
+                   step_seconds: float | None = None, given_steps: int | None = None) -> TrainDefaults:
     """The derived settings (see the module docstring). step_seconds: the estimated time of one CPU optimizer step
-    of one row (`cpu_step_seconds`); needed for a pretrained model on a CPU."""
+    of one row (`cpu_step_seconds`), which sizes the steps of a pretrained model on a CPU; given_steps: the user's
+    step count instead (the warm-up then follows it)."""
     precision = precision_for(device)
     if embedded:
         return TrainDefaults(EMBEDDED_LR, EMBEDDED_WARMUP, EMBEDDED_ROWS, EMBEDDED_STEPS, False, precision,
@@ -71,13 +72,17 @@ def train_defaults(*, params: int, embedded: bool, train_length: int, device: st
     if device == "cuda":
         rows = max(1, GPU_TOKENS_PER_STEP // train_length)
         steps = max(MIN_CPU_STEPS, int(GPU_TOKEN_BUDGET // (rows * train_length)))
-        budget = f"{rows} rows ≈ 2^20 tokens per step, 1e9 tokens"
+        budget = f"{rows} rows ≈ 2^20 tokens per step, " + ("1e9 tokens" if given_steps is None else "")
     else:
-        if step_seconds is None or step_seconds <= 0:
-            raise ValueError("a pretrained model on a CPU needs step_seconds to size its steps")
-        rows = 1
-        steps = max(MIN_CPU_STEPS, int(CPU_HOURS * 3600 // step_seconds))
-        budget = f"1 row per step, steps that fit {CPU_HOURS:g} h at ~{step_seconds:.0f} s per step"
+        rows, budget = 1, "1 row per step, "
+        if given_steps is None:
+            if step_seconds is None or step_seconds <= 0:
+                raise ValueError("a pretrained model on a CPU needs step_seconds to size its steps")
+            steps = max(MIN_CPU_STEPS, int(CPU_HOURS * 3600 // step_seconds))
+            budget += f"steps that fit {CPU_HOURS:g} h at ~{step_seconds:.0f} s per step"
+    if given_steps is not None:
+        steps = given_steps
+        budget += f"{given_steps} steps as given"
     warmup = warmup_for(steps, embedded)
     rule = (f"pretrained model, {params / 1e6:,.0f}M parameters: LR 2e-5·sqrt(7e9/N) = {lr:.3g}, {budget}, "
             f"warm-up {warmup}, activation checkpointing, {precision}")
@@ -117,13 +122,11 @@ def derive(model: str, train_length: int, device: str, given: dict, embedded: bo
         return kept, "kept from the run's config.yaml"
     shape = read_shape(model)
     step_s = None
-    if device == "cpu" and not embedded:
+    if device == "cpu" and not embedded and "steps" in unset:
         step_s = cpu_step_seconds(flops_per_token(shape, train_length), train_length, True,
                                   matmul_peak(precision_for(device)))
     d = train_defaults(params=shape.params, embedded=embedded, train_length=train_length, device=device,
-                       step_seconds=step_s)
+                       step_seconds=step_s, given_steps=None if "steps" in unset else given["steps"])
     fill = {k: v for k, v in d.as_train().items() if k in unset} | kept
-    if "warmup_steps" in unset and "warmup_steps" not in kept and "steps" not in unset:
-        fill["warmup_steps"] = warmup_for(given["steps"], embedded)  # warm-up follows the user's step count
     warning = lr_warning(fill.get("lr", given.get("lr")) or 0.0, shape.params, embedded)
     return fill, d.rule + (f"\n[yellow]warning:[/] {warning}" if warning else "")

@@ -28,9 +28,11 @@ from .hardware import matmul_peak
 from .models import EMBEDDED, load_config, resolve
 from .plan import GPUS, flops_per_token, memory_for, read_shape
 from .positions import METHODS as POSITION_METHODS
-from .recipes.pipeline import DataConfig, PipelineConfig, RopeConfig, StageConfig, load_yaml, run_pipeline
+from .recipes.config import DataConfig, PipelineConfig, RopeConfig, StageConfig, load_yaml
+from .recipes.pipeline import run_pipeline
 from .rope import METHODS as ROPE_METHODS
 from .rope import default_target, original_window
+from .rundir import RunDir
 from .train.parallel import resolve_device
 
 # Chosen on the held-out families (README "Results"): plain text plus span-repetition rows, no probe templates.
@@ -154,7 +156,7 @@ def run_extend(cfg: ExtendConfig, out: Path, resume: bool = False, force: bool =
                console: Console | None = None) -> Path:
     """Run the whole extension; returns the path of `report.md`."""
     console = console or Console()
-    saved = out / "config.yaml"
+    saved = RunDir(out).config
     cfg, rule = resolve_extend(cfg, load_extend_config(saved) if resume and saved.exists() else None)
     console.print(f"settings: {rule}")
     return run_pipeline(as_pipeline(cfg), out, resume=resume, force=force, console=console,

@@ -106,13 +106,6 @@ def check_dataset_tokenizer(path: Path, tokenizer, length: int | None = None) ->
     return meta
 
 
-def pad_id_of(tok) -> int:
-    for tid in (tok.pad_token_id, tok.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 def _list_column(arr: np.ndarray):
     """(R, T) int array → an Arrow list<int32> column."""
     import pyarrow as pa

@@ -22,6 +22,7 @@ import torch
 from ..positions import transform
 from .probes import IGNORE, ProbeBuilder, rng_for
 from .sentences import BoundaryVocab
+from .tokens import pad_id_of
 
 ROW_KINDS = ("text", "passkey", "needle", "text_copy", "random_copy", "cip", "synl", "dataset")
 Example = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]  # ids, labels, segments, positions
@@ -126,7 +127,7 @@ class RowMixer:
         self.weights = np.array(list(mix.values()), dtype=float) / sum(mix.values())
         self.positions, self.target, self.contiguous_share = positions, target or length, contiguous_share
         self.cip_k, self.cip_chunk, self.dataset, self.select = cip_k, cip_chunk or max(1, length // 8), dataset, select
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self.pad_id = pad_id_of(tokenizer)
         self.boundaries = BoundaryVocab.from_tokenizer(tokenizer) if positions == "longrecipe" else None
 
     def example(self, rng: np.random.Generator, kind: str) -> Example:

@@ -18,34 +18,9 @@ import numpy as np
 
 from .probes import IGNORE
 from .readers import DataError, Document
+from .tokens import tokenize_batches
 
 ROW_FIELDS = ("input_ids", "position_ids", "segment_ids", "labels")
-
-
-def tokenize_batches(tokenizer, texts: Iterable[str], batch: int = 256, eos_id: int | None = None
-                     ) -> Iterator[np.ndarray]:
-    """Token ids (int32, one array per text, in order), encoded `batch` texts at a time by the fast tokenizer's
-    backend (Rust, no special tokens); `eos_id`, when given, is appended to every document."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    chunk: list[str] = []
-
-    def flush() -> Iterator[np.ndarray]:
-        if backend is not None:
-            seqs = [e.ids for e in backend.encode_batch_fast(chunk, add_special_tokens=False)]
-        else:
-            seqs = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-        chunk.clear()
-        for ids in seqs:
-            if eos_id is not None:
-                ids.append(eos_id)
-            yield np.asarray(ids, dtype=np.int32)
-
-    for text in texts:
-        chunk.append(text)
-        if len(chunk) >= batch:
-            yield from flush()
-    if chunk:
-        yield from flush()
 
 
 class TokenChunks:
@@ -345,3 +320,17 @@ def iter_packed(docs: Iterable[np.ndarray], length: int, *, rows_per_block: int 
             rows = rows[: len(rows) - 1]
         if len(rows):
             yield rows
+
+
+def answer_row(prompt: np.ndarray, answer: np.ndarray, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One SFT row of `length` tokens: `prompt` then `answer` (labels on the answer only), then padding in its own
+    segment with positions restarting at 0. Fields (length,) int64; the caller checks the two fit."""
+    n = len(prompt) + len(answer)
+    row = np.full(length, pad_id, dtype=np.int64)
+    row[: len(prompt)], row[len(prompt) : n] = prompt, answer
+    labels = np.full(length, IGNORE, dtype=np.int64)
+    labels[len(prompt) : n] = answer
+    pos = np.arange(length, dtype=np.int64)
+    pos[n:] -= n
+    seg = (np.arange(length) >= n).astype(np.int64)
+    return {"input_ids": row, "position_ids": pos, "segment_ids": seg, "labels": labels}

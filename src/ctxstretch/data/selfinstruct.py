@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .probes import IGNORE
+from .packing import answer_row
 from .readers import DataError
+from .tokens import pad_id_of
 
 KINDS = ("normal", "short")
 PROMPTS = {
@@ -113,7 +114,7 @@ class QAWriter:
         self.model, self.tok = model, tokenizer
         self.max_q, self.max_a, self.batch_size = max_question_tokens, max_answer_tokens, batch_size
         self.temperature, self.top_p = temperature, top_p
-        self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        self.pad_id = pad_id_of(tokenizer)
         self.window = _window(model)
 
     def enc(self, text: str) -> list[int]:
@@ -255,16 +256,9 @@ def selfinstruct_row(tokenizer, doc_ids: np.ndarray, question: str, answer: str,
         raise DataError(f"a question and answer of {len(after) + len(ans)} tokens leave no room for the document "
                         f"in a row of {length}")
     doc = np.asarray(doc_ids[:room], dtype=np.int64)
-    ids = np.concatenate([np.asarray(before, dtype=np.int64), doc, np.asarray(after + ans, dtype=np.int64)])
-    n = len(ids)
-    row = np.full(length, pad_id, dtype=np.int64)
-    row[:n] = ids
-    labels = np.full(length, IGNORE, dtype=np.int64)
-    labels[n - len(ans) : n] = ans
+    prompt = np.concatenate([np.asarray(before, dtype=np.int64), doc, np.asarray(after, dtype=np.int64)])
+    out = answer_row(prompt, np.asarray(ans, dtype=np.int64), length, pad_id)
     if input_loss:
         start = max(1, len(before))  # the first token of a row has nothing before it to predict it from
-        labels[start : len(before) + len(doc)] = row[start : len(before) + len(doc)]
-    pos = np.arange(length, dtype=np.int64)
-    pos[n:] -= n
-    seg = (np.arange(length) >= n).astype(np.int64)
-    return {"input_ids": row, "position_ids": pos, "segment_ids": seg, "labels": labels}
+        out["labels"][start : len(before) + len(doc)] = out["input_ids"][start : len(before) + len(doc)]
+    return out

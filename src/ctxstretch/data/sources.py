@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .tokens import tokenize_batches
+
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 HELDOUT_EVERY = 20  # one document in 20 (by a hash of its name) is held out for evaluation
 
@@ -80,8 +82,6 @@ CORPORA = {EMBEDDED: embedded_documents, "stdlib": stdlib_documents}
 
 def tokenize_documents(tokenizer, docs: Iterable[str], eos_id: int, batch: int = 256) -> np.ndarray:
     """Tokenise documents in batches into one flat uint16/int32 array, each document followed by `eos_id`."""
-    from .packing import tokenize_batches  # packing builds on sources; imported here to keep that direction
-
     parts = list(tokenize_batches(tokenizer, docs, batch=batch, eos_id=eos_id))
     flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     return flat.astype(np.uint16) if flat.size and flat.max() < 2**16 else flat

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .probes import IGNORE
+from .packing import answer_row
 from .readers import DataError
 
 KINDS = ("lookup", "extremum", "count", "two_hop")
@@ -277,11 +277,4 @@ def synl_row(tokenizer, ex: SynLExample, length: int, pad_id: int = 0, eos_id: i
     n = len(ids) + len(answer)
     if n > length:
         raise DataError(f"a SynL example of {n} tokens does not fit a row of {length}")
-    row = np.full(length, pad_id, dtype=np.int64)
-    row[:n] = ids + answer
-    labels = np.full(length, IGNORE, dtype=np.int64)
-    labels[len(ids) : n] = answer
-    pos = np.arange(length, dtype=np.int64)
-    pos[n:] -= n
-    seg = (np.arange(length) >= n).astype(np.int64)
-    return {"input_ids": row, "position_ids": pos, "segment_ids": seg, "labels": labels}
+    return answer_row(np.asarray(ids), np.asarray(answer), length, pad_id)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data.tokens import pad_id_of
+
 # (question, words any sensible answer contains — one of them, case-insensitive)
 QUESTIONS = (
     ("What is the capital of France?", ("paris",)),
@@ -25,7 +27,7 @@ def chat_check(model, tokenizer, new_tokens: int = NEW_TOKENS) -> dict | None:
                                             return_tensors="pt", return_dict=True)["input_ids"].to(device)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                 do_sample=False, pad_token_id=pad_id_of(tokenizer))
         answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
         answers.append({"question": question, "answer": answer,
                         "ok": any(w in answer.lower() for w in expected)})

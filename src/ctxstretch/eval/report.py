@@ -1,4 +1,5 @@
-"""`report.md`: a before/after table and plots, for people."""
+"""`report.md`: a before/after table and plots, for people; `evaluate_model` and `report_runs` are what `ctxstretch
+eval` and `ctxstretch report` run."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import math
 import re
 from pathlib import Path
 
+from rich.console import Console
+
+from ..config import ConfigError
+from ..rundir import EvalDir, RunDir
 from .evidence import external_section, heldout_section, in_format_note
 from .perplexity import fit_power_law, loss_vs_context
 from .plots import heatmap, loss_curves
 from .ruler import effective_length, mean_by_length
-from .suite import EvalResult, doublings
+from .suite import EvalConfig, EvalResult, doublings
+from .vllm_parity import Bucket, table
 
 
 def _pct(x: float | None) -> str:
@@ -56,16 +62,85 @@ def write_report(out: Path, title: str, header: list[str], results: dict[str, Ev
              "## In-format probes", "", in_format_note(), "", *comparison_table(results), ""]
     lines += short_context_section(results)
     lines += ruler_section(results)
+    lines += parity_section(results)
     lines += power_law_section(results, window)
     if checks:
         lines += ["## Targets", "", "| claim | measured | met |", "|---|---|---|"]
         lines += [f"| {claim} | {measured} | {'yes' if ok else '**no**'} |" for claim, ok, measured in checks]
         lines.append("")
     lines += ["## Plots", "", *plots, ""]
-    path = out / "report.md"
+    path = RunDir(out).report
     _atomic_write(path, "\n".join(lines))
-    _atomic_write(out / "report.html", markdown_to_html(lines, out, title))
+    _atomic_write(RunDir(out).report_html, markdown_to_html(lines, out, title))
     return path
+
+
+def evaluate_model(model: str, out: Path, cfg: EvalConfig, *, backend: str = "transformers",
+                   vllm_env: Path | None = None, device: str = "auto", force: bool = False,
+                   trust_remote_code: bool = False, console: Console | None = None) -> Path:
+    """`ctxstretch eval`: evaluate the local model `model` (or 'embedded') into a new `out` — eval.json, report.md/
+    html and plots; returns report.md's path. Empty `cfg.lengths`: `standalone_lengths` of the model's window.
+    lm-eval's corpus-free RULER tasks among `cfg.lm_eval_tasks` run in lm-eval's own environment. A missing backend
+    or extra, an unknown task and an existing `out` fail before any work."""
+    import shutil
+
+    from rich.progress import Progress
+
+    from ..config import check_out_dir
+    from ..models import load, load_config, resolve
+    from ..rope import original_window
+    from ..train.parallel import resolve_device
+    from . import lmeval_ruler
+    from .backend import check_backend
+    from .short import require_lm_eval
+    from .suite import evaluate, standalone_lengths
+
+    console = console or Console(stderr=True)
+    external = [t for t in cfg.lm_eval_tasks if t in lmeval_ruler.TASKS]  # run in lm-eval's own environment
+    in_process = [t for t in cfg.lm_eval_tasks if t not in lmeval_ruler.TASKS]
+    check_backend(backend, vllm_env)  # missing extras fail in the first second
+    if in_process:
+        require_lm_eval()
+    path = resolve(model)
+    window = original_window(load_config(path, trust_remote_code))
+    lengths = cfg.lengths or standalone_lengths(window)
+    if external:
+        lmeval_ruler.check_tasks(external, lengths)
+    cfg = cfg.model_copy(update={"lengths": lengths, "lm_eval_tasks": in_process})
+    check_out_dir(out, force)
+    shutil.rmtree(out, ignore_errors=True)
+    if backend == "vllm":
+        from .vllm_eval import evaluate_dir
+
+        out.mkdir(parents=True)
+        with Progress(console=console) as progress:
+            result = evaluate_dir(path, cfg, window, max(lengths), vllm_env, out / "vllm.log", progress)
+    else:
+        m, tok = load(path, resolve_device(device), trust_remote_code)
+        with Progress(console=console) as progress:
+            result = evaluate(m, tok, cfg, window, max(lengths), None, progress)
+    if external:
+        console.print(f"lm-eval RULER: {', '.join(external)} at {lengths} (its own environment, offline)")
+        result.external = lmeval_ruler.run_ruler(path, external, lengths, cfg.lm_eval_limit or 4, out / "lm-eval")
+    result.save(out)
+    return write_report(out, f"ctxstretch eval: {model}", [f"- window {window:,}; lengths {lengths}"],
+                        {Path(model).name or "model": result}, window)
+
+
+def report_runs(runs: list[Path], out: Path) -> Path:
+    """`ctxstretch report`: the evaluated models of `runs` (each run's own eval.json, or its base/ and extended/
+    ones) side by side in `out`; returns report.md's path (report.html beside it)."""
+    results: dict[str, EvalResult] = {}
+    for run in runs:
+        rd = RunDir(run)
+        found = [d for d in (EvalDir(run), rd.base, rd.extended) if d.done]
+        if not found:
+            raise ConfigError(f"{run}: no eval.json here or in base/ or extended/; pass a run directory")
+        for d in found:
+            results[run.name if d.root == run else f"{run.name}/{d.root.name}"] = EvalResult.load(d.root)
+    out.mkdir(parents=True, exist_ok=True)
+    window = min((r.window for r in results.values() if r.window), default=0)
+    return write_report(out, "ctxstretch report", [f"- runs: {', '.join(str(r) for r in runs)}"], results, window)
 
 
 def short_context_section(results: dict[str, EvalResult]) -> list[str]:
@@ -119,6 +194,21 @@ def short_context_section(results: dict[str, EvalResult]) -> list[str]:
                 answer = a["answer"].replace("|", "\\|").replace("\n", " ")
                 lines.append(f"- {name}: {a['question']} → “{answer}”{'' if a['ok'] else ' (**not sensible**)'}")
     return [*lines, ""]
+
+
+def parity_section(results: dict[str, EvalResult]) -> list[str]:
+    """Whether vLLM serves each checked model with the rope transformers reads (`eval/vllm_parity.py`)."""
+    checked = {name: r.parity for name, r in results.items() if r.parity is not None}
+    if not checked:
+        return []
+    lines = ["## Rope parity: transformers vs vLLM", "",
+             "Next-token logprobs of one held-out sequence in both engines, by position bucket (inside the original "
+             "window and past it).", ""]
+    for name, parity in checked.items():
+        lines += [f"- `{name}` ({parity['dtype']}): {parity['verdict']}", ""]
+        lines += table([Bucket(**b) for b in parity["buckets"]])
+        lines.append("")
+    return lines
 
 
 def ruler_section(results: dict[str, EvalResult]) -> list[str]:

@@ -20,6 +20,7 @@ from ..data.families import HELD_OUT
 from ..data.probes import ProbeBuilder
 from ..data.ruler import RulerBuilder
 from ..data.sources import embedded_token_stream
+from ..rundir import EvalDir
 from .chat import chat_check
 from .heldout import heldout_scores
 from .lmeval_ruler import TASKS as RULER_TASKS
@@ -54,6 +55,9 @@ class EvalConfig(Strict):
                        "template only)")
     precision: str = Field("fp32", pattern="^(auto|bf16|fp32)$",
                            description="bf16 autocast or fp32 (auto: bf16 where it is native)")
+    backend: str = Field("transformers", pattern="^(transformers|vllm)$", description="inference engine of a run's "
+                         "evaluations: transformers, or vllm in its own environment (`ctxstretch backend setup "
+                         "vllm`), which also checks the final model's rope parity between the two")
     seed: int = 0
 
     @field_validator("heldout")
@@ -76,6 +80,12 @@ def doublings(base_window: int, target: int) -> list[int]:
     return [*out, target]
 
 
+def standalone_lengths(window: int) -> list[int]:
+    """Probe lengths for a model evaluated on its own (`ctxstretch eval`, no target): doublings from a quarter of its
+    window (at least 64 tokens) to twice it (at least 512) — inside the window and just past it."""
+    return doublings(max(64, window // 4), max(window * 2, 512))
+
+
 @dataclass
 class EvalResult:
     passkey: Grid
@@ -89,6 +99,7 @@ class EvalResult:
     heldout: dict[str, dict[int, dict]] = field(default_factory=dict)  # family -> length -> {correct, n, token_acc}
     external: dict[str, dict[int, float]] = field(default_factory=dict)  # lm-eval RULER task -> length -> score
     chat: dict | None = None  # eval.chat.chat_check's answers (None: no chat template, or not asked)
+    parity: dict | None = None  # rope parity transformers vs vLLM: {"dtype", "verdict", "buckets": [...]}
 
     def summary(self) -> dict:
         s = {"passkey": self.passkey.by_length(), "loss_by_position": self.buckets}
@@ -106,6 +117,8 @@ class EvalResult:
             s["lm_eval"] = self.lm_eval
         if self.chat is not None:
             s["chat"] = {"passed": self.chat["passed"], "asked": self.chat["asked"]}
+        if self.parity is not None:
+            s["parity"] = self.parity["verdict"]
         return s
 
     def save(self, directory: Path) -> None:
@@ -116,14 +129,14 @@ class EvalResult:
                 "short_context": self.short, "lm_eval": self.lm_eval,
                 "heldout": {f: {str(n): t for n, t in per.items()} for f, per in self.heldout.items()},
                 "external_ruler": {t: {str(n): v for n, v in per.items()} for t, per in self.external.items()},
-                "chat": self.chat}
-        (directory / "eval.json").write_text(json.dumps(data, indent=1))
+                "chat": self.chat, "parity": self.parity}
+        EvalDir(directory).json.write_text(json.dumps(data, indent=1))
         if self.losses is not None:
             np.save(directory / "token_losses.npy", self.losses.astype(np.float32), allow_pickle=False)
 
     @classmethod
     def load(cls, directory: Path) -> EvalResult:
-        data = json.loads((directory / "eval.json").read_text())
+        data = json.loads(EvalDir(directory).json.read_text())
 
         def grid(d):
             return Grid(d["kind"], d["lengths"], d["depths"], np.array(d["acc"]), d["trials"]) if d else None
@@ -135,7 +148,7 @@ class EvalResult:
         external = {t: {int(n): v for n, v in per.items()} for t, per in data.get("external_ruler", {}).items()}
         return cls(grid(data["passkey"]), grid(data["needle"]), losses, data["loss_by_position"],
                    data.get("window", 0), ruler, data.get("short_context"), data.get("lm_eval"), heldout, external,
-                   data.get("chat"))
+                   data.get("chat"), data.get("parity"))
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, cache_dir: Path | None = None,

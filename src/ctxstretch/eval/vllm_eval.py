@@ -21,6 +21,7 @@ from ..data.ruler import RulerBuilder
 from ..data.sources import embedded_token_stream
 from .chat import chat_check
 from .heldout import heldout_scores
+from .lmeval_ruler import TASKS as RULER_TASKS
 from .passkey import retrieval_grid
 from .perplexity import default_buckets, loss_by_bucket
 from .ruler import ruler_scores
@@ -119,7 +120,7 @@ def evaluate_vllm(engine: VllmEngine, tokenizer, cfg: EvalConfig, base_window: i
                   cache_dir: Path | None = None, progress: Progress | None = None,
                   partial: Path | None = None) -> EvalResult:
     """`suite.evaluate` on `engine` (the model's tokenizer builds the probes here)."""
-    if cfg.lm_eval_tasks:
+    if [t for t in cfg.lm_eval_tasks if t not in RULER_TASKS]:  # lm-eval's RULER runs in its own venv either way
         raise ConfigError("--lm-eval-tasks with --backend vllm: lm-evaluation-harness tasks run in-process on the "
                           "transformers backend only (its RULER tasks run in their own environment either way)")
     vocab, eos = model_facts(engine.model_dir)

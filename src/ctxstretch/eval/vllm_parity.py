@@ -7,6 +7,7 @@ a gap that the default rope (same weights, same kernels' numerics) does not have
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -128,6 +129,13 @@ def check_parity(model_dir: Path, lengths: list[int] | None = None, dtype: str =
         vl = engine.score(seqs, allow_nan=True)
     buckets = [b for n, h, v in zip(lengths, hf, vl, strict=True) for b in compare(h, v, n, window)]
     return buckets, verdict(buckets, dtype, window)
+
+
+def parity_record(model_dir: Path, dtype: str = "float32", vllm_env_dir: Path | None = None,
+                  log_path: Path | None = None) -> dict:
+    """`check_parity` at its default length, as `EvalResult.parity` keeps it (a run's final check)."""
+    buckets, said = check_parity(model_dir, None, dtype, vllm_env_dir, log_path)
+    return {"dtype": dtype, "verdict": said, "buckets": [dataclasses.asdict(b) for b in buckets]}
 
 
 def table(buckets: list[Bucket]) -> list[str]:

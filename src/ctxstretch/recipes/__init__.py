@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import ConfigError, parse
 from . import baselines, llama2_long, longrecipe, longskywork
 from .base import RecipeParams
-from .pipeline import PipelineConfig, load_pipeline, load_yaml
+from .config import PipelineConfig, load_pipeline, load_yaml
 
 PRESETS = Path(__file__).parent / "presets"
 RECIPES: dict[str, tuple[type[RecipeParams], Callable[..., PipelineConfig]]] = {

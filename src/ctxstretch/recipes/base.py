@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..config import Strict, TrainConfig
+from ..config import TrainConfig
 from ..defaults import derive
-from ..eval.suite import EvalConfig
 from ..rope import default_target
 from ..train.parallel import resolve_device
-from .pipeline import DataConfig
+from .config import DataConfig, RunSettings
 
 # The base model's kind of data. For the embedded model that is its own pretraining mix (the corpus plus the
 # retrieval and copy rows `ctxstretch tiny build` trained it on); retrieval probes use training seeds, disjoint
@@ -20,12 +19,10 @@ BASE_MIX = {"text": 0.4, "passkey": 0.25, "needle": 0.25, "text_copy": 0.1}
 PRETRAINED_MIX = {"text": 0.7, "cip": 0.2, "text_copy": 0.1}
 
 
-class RecipeParams(Strict):
+class RecipeParams(RunSettings):
     """The knobs shared by every recipe; a preset YAML sets these (plus the recipe's own) under `recipe: NAME`."""
 
     recipe: str = Field(..., description="recipe name (see `ctxstretch train --list`)")
-    model: str = Field("embedded", description="local HF model directory, or 'embedded'")
-    target: int = Field(0, ge=0, description="target window in tokens; 0: 16x the model's window")
     steps: int | None = Field(None, ge=0, description="optimizer steps of the main (long) stage; other stages scale "
                               "with it (None: derived from the model, see ctxstretch.defaults)")
     batch_size: int | None = Field(None, ge=1, description="rows per optimizer step (None: derived)")
@@ -39,11 +36,6 @@ class RecipeParams(Strict):
     text: list[str] = Field(default_factory=list, description="training text sources (empty: 'embedded' for the "
                             "embedded model, 'stdlib' package-level documents for a pretrained one)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on every training stage (0: full fine-tuning)")
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    seed: int = 0
-    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
-    trust_remote_code: bool = False
-    allow_bin: bool = False
 
     def main_length(self, target: int) -> int:
         """Tokens per row of the main stage (recipes training on shorter rows override this)."""
@@ -70,11 +62,6 @@ class RecipeParams(Strict):
                            warmup_steps=min(self.warmup_steps, steps // 5), checkpoint_every=self.checkpoint_every,
                            gradient_checkpointing=self.gradient_checkpointing, precision=self.precision,
                            seed=self.seed, device=self.device, **kw)
-
-    def common(self) -> dict:
-        """The pipeline fields every recipe passes through unchanged."""
-        return dict(model=self.model, target=self.target, eval=self.eval, seed=self.seed, device=self.device,
-                    trust_remote_code=self.trust_remote_code, allow_bin=self.allow_bin)
 
 
 def share(steps: int, fraction: float) -> int:

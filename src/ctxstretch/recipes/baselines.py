@@ -9,7 +9,7 @@ from pydantic import Field
 
 from ..eval.perplexity import far_bucket
 from .base import RecipeParams
-from .pipeline import PipelineConfig, RopeConfig, StageConfig
+from .config import PipelineConfig, RopeConfig, StageConfig
 
 ROPES = {"full": "abf", "pose": "abf", "randpos": "abf", "pi": "pi", "yarn": "yarn", "pi-free": "pi",
          "ntk-free": "ntk", "yarn-free": "yarn"}
@@ -32,7 +32,7 @@ def pipeline(p: BaselineParams, window: int) -> PipelineConfig:
                                   length_fraction=p.length_fraction if positions != "full" else 1.0,
                                   lora_rank=p.lora_rank))
     return PipelineConfig(name=name, description=f"baseline: {name}", rope=RopeConfig(method=ROPES[name]),
-                          stages=stages, **p.common())
+                          stages=stages, **p.run_settings())
 
 
 def claims(outs: dict, base, window: int, target: int) -> list[tuple[str, bool, str]]:

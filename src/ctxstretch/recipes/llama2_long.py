@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..rope import default_target
 from .base import RecipeParams, share, split
-from .pipeline import BuildConfig, PipelineConfig, RopeConfig, StageConfig
+from .config import BuildConfig, PipelineConfig, RopeConfig, StageConfig
 
 
 class Llama2LongParams(RecipeParams):
@@ -27,21 +27,30 @@ class Llama2LongParams(RecipeParams):
     qa_count: int = Field(32, ge=1, description="self-instruct examples to generate")
     input_loss: bool = Field(True, description="LM loss on the long input as well as on the answer")
 
+    @field_validator("curriculum")
+    @classmethod
+    def _shares_below_the_target(cls, shares: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in shares):  # the target's own stage comes last anyway
+            raise ValueError(f"curriculum {shares}: give shares of the target in (0, 1), e.g. [0.25, 0.5]")
+        return shares
+
 
 def pipeline(p: Llama2LongParams, window: int) -> PipelineConfig:
     target = p.target or default_target(window)
     data = p.data(mix=p.mix, long_threshold=target // 2, long_weight=p.long_weight)
-    lengths = [max(window, int(f * target)) for f in p.curriculum] + [target]
+    # shares below the model's window train at the window (once)
+    lengths = list(dict.fromkeys([max(window, int(f * target)) for f in p.curriculum] + [target]))
     steps = split(p.steps, len(lengths))  # the curriculum shares one budget; a stage left without steps is dropped
     stages = [StageConfig(name=f"cpt-{n}" if n < target else "cpt", target=n, positions="full", data=data,
                           train=p.train(s), lora_rank=p.lora_rank, evaluate=n == target)
               for n, s in zip(lengths, steps, strict=True) if s > 0 or n == target]
-    if p.sft_fraction > 0:
+    sft_steps = share(p.steps, p.sft_fraction)
+    if sft_steps > 0:  # no SFT: no self-instruct data either
         stages.append(StageConfig(name="qa-data", build=BuildConfig(kind="selfinstruct", args={
             "generator": p.model, "count": p.qa_count, "input_loss": p.input_loss})))
         stages.append(StageConfig(
             name="sft", positions="full", data=p.data(mix={"dataset": 1.0}, dataset="@qa-data"),
-            train=p.train(share(p.steps, p.sft_fraction), p.lr * p.sft_lr_ratio, min_lr_ratio=0.0),
+            train=p.train(sft_steps, p.lr * p.sft_lr_ratio, min_lr_ratio=0.0),
             lora_rank=p.lora_rank))
     return PipelineConfig(name="llama2-long", description=__doc__.splitlines()[0],
-                          rope=RopeConfig(method="abf", theta=p.rope_theta), stages=stages, **p.common())
+                          rope=RopeConfig(method="abf", theta=p.rope_theta), stages=stages, **p.run_settings())

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from .base import RecipeParams, share
-from .pipeline import MergeConfig, PipelineConfig, RopeConfig, StageConfig
+from .config import MergeConfig, PipelineConfig, RopeConfig, StageConfig
 
 
 class LongRecipeParams(RecipeParams):
@@ -40,9 +40,9 @@ def pipeline(p: LongRecipeParams, window: int) -> PipelineConfig:
         train=p.train(share(p.steps, p.replay_fraction), p.lr * p.replay_lr_ratio, min_lr_ratio=0.0),
         lora_rank=p.lora_rank)
     merge = StageConfig(name="merge", merge=MergeConfig(weight=p.merge_weight))
-    stages = [extend, replay, merge] if p.replay_fraction > 0 else [extend, merge]
+    stages = [extend, replay, merge] if replay.train.steps > 0 else [extend, merge]
     return PipelineConfig(name="longrecipe", description=__doc__.splitlines()[0], rope=RopeConfig(method="ntk-fixed"),
-                          stages=stages, **p.common())
+                          stages=stages, **p.run_settings())
 
 
 def claims(outs: dict, base, window: int, target: int) -> list[tuple[str, bool, str]]:

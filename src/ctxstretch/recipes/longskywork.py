@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from .base import RecipeParams, share
-from .pipeline import PipelineConfig, RopeConfig, StageConfig
+from .config import PipelineConfig, RopeConfig, StageConfig
 
 SHORT_SFT_MIX = {"passkey": 0.4, "needle": 0.4, "text_copy": 0.2}
 
@@ -42,7 +42,7 @@ def pipeline(p: LongSkyworkParams, window: int) -> PipelineConfig:
                     lora_rank=p.lora_rank),
     ]
     return PipelineConfig(name="longskywork", description=__doc__.splitlines()[0], rope=RopeConfig(method="abf"),
-                          stages=[s for s in stages if s.train.steps > 0], **p.common())
+                          stages=[s for s in stages if s.train.steps > 0], **p.run_settings())
 
 
 def claims(outs: dict, base, window: int, target: int) -> list[tuple[str, bool, str]]:

@@ -1,9 +1,8 @@
-"""A pipeline stage's data: its text stream, its row mixer, and the data-building stages (`ctxstretch data`
-builders run into the run directory)."""
+"""A training stage's data: its text stream and its row mixer (the data-building stages run `ctxstretch data`
+builders, see `stages.BuildStage`)."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,11 +11,10 @@ import numpy as np
 from ..data.builders import read_corpus
 from ..data.mix import DatasetRows, RowMixer
 from ..data.readers import BadRecords
+from ..data.tokens import pad_id_of
 
 if TYPE_CHECKING:
-    from .pipeline import StageConfig
-
-BUILDERS = ("synl", "selfinstruct", "probes", "cip", "pack")
+    from .config import StageConfig
 
 
 def text_stream(sources: list[str], tokenizer, text_field: str = "text") -> np.ndarray:
@@ -30,8 +28,9 @@ def text_stream(sources: list[str], tokenizer, text_field: str = "text") -> np.n
 def stage_rows(stage: StageConfig, tokenizer, seed: int, dataset_dir: Path | None) -> RowMixer:
     """The row function (`index → batch`) of a training stage."""
     d = stage.data
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    dataset = DatasetRows(str(dataset_dir), stage.train_length, pad, tokenizer) if dataset_dir else None
+    dataset = None
+    if dataset_dir:
+        dataset = DatasetRows(str(dataset_dir), stage.train_length, pad_id_of(tokenizer), tokenizer)
     select = impactful_selector(tokenizer, d.scorer) if d.select == "impactful" else None
     return RowMixer(
         tokenizer, text_stream(d.text, tokenizer, d.text_field), name=stage.name, seed=seed,
@@ -59,20 +58,3 @@ def impactful_selector(tokenizer, scorer: str | None, device: str = "cpu"):
         return row if row is not None else window[:n]  # too few impactful sentences: keep the text as it is
 
     return select
-
-
-def build_stage_data(kind: str, args: dict, out: Path, *, tokenizer_source: str, length: int, seed: int) -> str:
-    """Run the `ctxstretch data <kind>` builder into `out` (replacing a half-built one); returns a short summary."""
-    from ..data import builders
-
-    fn = getattr(builders, f"build_{kind}")
-    params = inspect.signature(fn).parameters
-    kwargs = {"model": tokenizer_source, "seed": seed, "force": True, **args}
-    if "lengths" in params and "lengths" not in args:
-        kwargs["lengths"] = [length]
-    if "length" in params and "length" not in args:
-        kwargs["length"] = length
-    if "srcs" in params and "srcs" not in args:
-        kwargs["srcs"] = ["embedded"]
-    written = fn(out=out, **kwargs)
-    return f"{getattr(written, 'rows', '?')} rows"

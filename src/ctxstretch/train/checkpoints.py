@@ -17,11 +17,12 @@ from torch.distributed.fsdp import FSDPModule
 
 from ..atomic import writing
 from ..config import TrainConfig
+from ..rundir import StageDir
 from .parallel import sharded
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = sorted(StageDir(run_dir).checkpoints.glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     return ckpts[-1] if ckpts else None
 
 
@@ -72,7 +73,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, model, o
     Replicated training (one process, DDP) lets the main process write weights and optimizer state alone. Sharded
     engines (FSDP, DeepSpeed ZeRO) hold each rank's share of the state, so every rank writes its shard with
     `accelerator.save_state` and the main process adds the gathered full weights."""
-    root = run_dir / "checkpoints"
+    root = StageDir(run_dir).checkpoints
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
     main = accelerator.is_main_process
     if main:

@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..config import ConfigError, TrainConfig, UserError
 from ..hardware import precision_for
 from ..masking import attention_inputs, use_document_attention
+from ..rundir import StageDir
 from .checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -160,16 +161,29 @@ def micro_step(accelerator: Accelerator, model, base, b: Batch, cfg: TrainConfig
     return loss.item()
 
 
-def stage_accelerator(cfg: TrainConfig, device: str, run_dir: Path) -> Accelerator:
-    """The stage's Accelerator: its precision, accumulation, trackers and collective timeout.
+def run_accelerator(cfg: TrainConfig, device: str, logs: Path) -> Accelerator:
+    """A run's one Accelerator: its precision, trackers (writing under `logs`) and collective timeout, shared by all
+    its training stages (each sets its own gradient accumulation; `check_run_settings` refuses stages that differ
+    in the rest).
 
-    accelerate keeps one process-wide state and a precision fixed at the first Accelerator; a recipe's stages may
-    differ in precision, so each stage starts from a fresh state (the process group itself is kept)."""
+    accelerate keeps one process-wide state whose precision is fixed by the first Accelerator; a new run in the same
+    process (the Python API, tests) starts from a fresh one (the process group itself is kept)."""
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     return Accelerator(mixed_precision=mixed_precision(cfg, device), cpu=device == "cpu",
-                       gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.log_with or None,
-                       project_dir=logs_dir(run_dir),
+                       gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.log_with or None, project_dir=logs,
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
+
+
+def check_run_settings(accelerator: Accelerator, cfg: TrainConfig, device: str, name: str) -> None:
+    """Refuse a stage whose precision or trackers differ from its run's Accelerator (they are fixed per run)."""
+    want = mixed_precision(cfg, device)
+    if accelerator.mixed_precision != want:
+        raise ConfigError(f"stage {name}: precision {cfg.precision} ({want}) differs from the run's "
+                          f"({accelerator.mixed_precision}); give every training stage of a run the same precision")
+    have = sorted(str(t) for t in accelerator.log_with)
+    if sorted(cfg.log_with) != have:
+        raise ConfigError(f"stage {name}: log_with {cfg.log_with} differs from the run's {have}; give every training "
+                          "stage of a run the same trackers")
 
 
 def tracked(record: dict) -> dict[str, float]:
@@ -188,8 +202,11 @@ def train_stage(
     eval_fn: EvalFn | None = None,
     name: str = "train",
     stop_when: Callable[[dict], bool] | None = None,
+    accelerator: Accelerator | None = None,
 ) -> torch.nn.Module | None:
     """Train `model` in place for `cfg.steps` optimizer steps; return it (unwrapped).
+
+    accelerator: the run's (`run_accelerator`), shared by its stages; by default the stage is a run of its own.
 
     Under `accelerate launch` every process calls this with the same arguments: each builds the global batch
     `batch_fn(i)` (cfg.batch_size rows) and trains on its share, so N processes follow the single-process loss
@@ -200,7 +217,10 @@ def train_stage(
     gathered weights (on CPU), the others None; `model` itself stays sharded and is not to be used again."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    accelerator = stage_accelerator(cfg, device, run_dir)
+    if accelerator is None:  # a stage on its own: a run of one stage
+        accelerator = run_accelerator(cfg, device, logs_dir(run_dir))
+    check_run_settings(accelerator, cfg, device, name)
+    accelerator.gradient_accumulation_steps = cfg.grad_accum
     main = accelerator.is_main_process
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +237,7 @@ def train_stage(
     prepare_extras(model, cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = StageDir(run_dir).metrics
     start, stopped, before = 0, False, 0.0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
@@ -291,6 +311,7 @@ def train_stage(
                 break
     if cfg.log_with:
         accelerator.end_training()
+        accelerator.trackers = []  # the next stage opens its own
     if sharded(accelerator):  # a sharded module is no model to save, evaluate or prepare again
         whole = unsharded(accelerator, model, skeleton)
         del model, base, optimizer, scheduler  # the shards and optimizer states: free them before a reload
@@ -298,6 +319,7 @@ def train_stage(
         release_memory()
         return whole
     model = accelerator.unwrap_model(model)
+    accelerator.free_memory()  # it forgets this stage's model and optimizer; the next stage prepares its own
     model.eval()
     if restore_attn is not None:
         model.set_attn_implementation(restore_attn)

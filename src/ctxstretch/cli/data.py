@@ -20,8 +20,8 @@ from typing import Annotated
 
 import typer
 
-from .config import ConfigError
-from .data.builders import (
+from ..config import ConfigError
+from ..data.builders import (
     build_cip,
     build_impactful,
     build_pack,
@@ -29,7 +29,8 @@ from .data.builders import (
     build_selfinstruct,
     build_synl,
 )
-from .data.datasets import Written, set_console
+from ..data.datasets import Written, set_console
+from .common import console, floats, guarded, ints, names
 
 data_app = typer.Typer(no_args_is_help=True, help="Build training data: packed rows, CIP rows, SynL tables, "
                        "self-instruct QA, impactful-token rows, retrieval probes.")
@@ -51,23 +52,11 @@ def command_line(ctx: typer.Context) -> str:
     return shlex.join(parts)
 
 
-# ----------------------------------------------------------------------------------------------------- commands
-def _console():
-    from .cli import console  # imported late: cli.py imports this module
-
-    return console
-
-
-def _run(fn: Callable[[], object]) -> None:
-    """Run a data command through the CLI's error guard (one line, exit 2), progress on the CLI's console."""
-    from .cli import _guarded
-
-    set_console(_console())
-    _guarded(fn)
-
-
-def _done(out: Path, w: Written) -> None:
-    _console().print(f"[green]done[/]: {out} ({w.rows:,} rows, {w.real_tokens:,} tokens)", highlight=False)
+def _build(out: Path, build: Callable[..., Written], *args, **kwargs) -> None:
+    """Run one builder, its progress on the CLI's console, and print what it wrote."""
+    set_console(console)
+    w = build(*args, **kwargs)
+    console.print(f"[green]done[/]: {out} ({w.rows:,} rows, {w.real_tokens:,} tokens)", highlight=False)
 
 
 Srcs = Annotated[list[str], typer.Argument(help="text/JSONL/Parquet/Arrow files, folders, saved datasets, 'embedded'")]
@@ -89,6 +78,7 @@ def _policy(value: str) -> str:
 
 
 @data_app.command("pack")
+@guarded
 def pack_cmd(
     ctx: typer.Context, srcs: Srcs, out: Out, model: Model = "embedded", length: Length = 4096,
     on_bad_record: OnBadRecord = "fail", text_field: TextField = "text",
@@ -99,14 +89,13 @@ def pack_cmd(
     cache: Cache = True, seed: Seed = 0, force: Force = False,
 ) -> None:
     """Pack documents into rows of --length tokens that keep document boundaries."""
-    _run(lambda: _done(out, build_pack(srcs, out, model=model, length=length, seed=seed,
-                                       on_bad_record=_policy(on_bad_record), text_field=text_field,
-                                       long_threshold=long_threshold, long_weight=long_weight, mix=mix,
-                                       split_short=split_short, cache=cache, force=force,
-                                       command=command_line(ctx))))
+    _build(out, build_pack, srcs, out, model=model, length=length, seed=seed, on_bad_record=_policy(on_bad_record),
+           text_field=text_field, long_threshold=long_threshold, long_weight=long_weight, mix=mix,
+           split_short=split_short, cache=cache, force=force, command=command_line(ctx))
 
 
 @data_app.command("cip")
+@guarded
 def cip_cmd(
     ctx: typer.Context, srcs: Srcs, out: Out, model: Model = "embedded", length: Length = 4096,
     k: Annotated[int, typer.Option("--k", help="documents per group (0: as many as fill a row)")] = 0,
@@ -116,13 +105,13 @@ def cip_cmd(
     force: Force = False,
 ) -> None:
     """LongSkywork chunk-interleaved pretraining rows from short documents."""
-    _run(lambda: _done(out, build_cip(srcs, out, model=model, length=length, k=k, chunk_len=chunk_len,
-                                      interleave=interleave, seed=seed, on_bad_record=_policy(on_bad_record),
-                                      text_field=text_field, cache=cache, force=force,
-                                      command=command_line(ctx))))
+    _build(out, build_cip, srcs, out, model=model, length=length, k=k, chunk_len=chunk_len, interleave=interleave,
+           seed=seed, on_bad_record=_policy(on_bad_record), text_field=text_field, cache=cache, force=force,
+           command=command_line(ctx))
 
 
 @data_app.command("synl")
+@guarded
 def synl_cmd(
     ctx: typer.Context, out: Out, model: Model = "embedded",
     lengths: Annotated[str, typer.Option(help="target lengths in tokens, e.g. 1k,4k")] = "1k,4k",
@@ -132,14 +121,12 @@ def synl_cmd(
     seed: Seed = 0, force: Force = False,
 ) -> None:
     """LongSkywork synthetic lengthy-table SFT examples (answers computed from the table)."""
-    from .cli import _ints
-
-    _run(lambda: _done(out, build_synl(out, model=model, lengths=_ints(lengths), count=count, seed=seed, fmt=fmt,
-                                       kinds=[x.strip() for x in kinds.split(",") if x.strip()], force=force,
-                                       command=command_line(ctx))))
+    _build(out, build_synl, out, model=model, lengths=ints(lengths), count=count, seed=seed, fmt=fmt,
+           kinds=names(kinds), force=force, command=command_line(ctx))
 
 
 @data_app.command("selfinstruct")
+@guarded
 def selfinstruct_cmd(
     ctx: typer.Context, srcs: Srcs, out: Out,
     model: Annotated[str, typer.Option(help="the model to train: its tokenizer builds the rows")] = "embedded",
@@ -154,19 +141,19 @@ def selfinstruct_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="tokens per question and per answer, at most")] = 32,
     temperature: Annotated[float, typer.Option(help="sampling temperature (0: greedy)")] = 0.7,
     min_doc_tokens: Annotated[int, typer.Option(help="skip documents shorter than this")] = 64,
-    on_bad_record: OnBadRecord = "fail", text_field: TextField = "text", device: Device = "cpu", seed: Seed = 0,
+    on_bad_record: OnBadRecord = "fail", text_field: TextField = "text", device: Device = "auto", seed: Seed = 0,
     force: Force = False,
 ) -> None:
     """Llama 2 Long self-instruct long QA: document + generated question → answer."""
-    _run(lambda: _done(out, build_selfinstruct(
-        srcs, out, model=model, generator=generator, length=length, count=count, chunk_len=chunk_len,
-        short_share=short_share, self_check=self_check, input_loss=input_loss, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, temperature=temperature, min_doc_tokens=min_doc_tokens, seed=seed,
-        on_bad_record=_policy(on_bad_record), text_field=text_field, device=device, force=force,
-        command=command_line(ctx))))
+    _build(out, build_selfinstruct, srcs, out, model=model, generator=generator, length=length, count=count,
+           chunk_len=chunk_len, short_share=short_share, self_check=self_check, input_loss=input_loss,
+           batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
+           min_doc_tokens=min_doc_tokens, seed=seed, on_bad_record=_policy(on_bad_record), text_field=text_field,
+           device=device, force=force, command=command_line(ctx))
 
 
 @data_app.command("impactful")
+@guarded
 def impactful_cmd(
     ctx: typer.Context, srcs: Srcs, out: Out, model: Model = "embedded", length: Length = 4096,
     scorer: Annotated[str | None, typer.Option(help="long model scoring tokens (none: digit heuristic)")] = None,
@@ -175,17 +162,17 @@ def impactful_cmd(
     window: Annotated[int | None, typer.Option(help="full context (tokens) for scoring")] = None,
     share: Annotated[float, typer.Option(help="share of tokens that are impactful")] = 0.2,
     other_share: Annotated[float, typer.Option(help="heuristic: share of digit-free sentences kept")] = 0.5,
-    on_bad_record: OnBadRecord = "fail", text_field: TextField = "text", device: Device = "cpu", seed: Seed = 0,
+    on_bad_record: OnBadRecord = "fail", text_field: TextField = "text", device: Device = "auto", seed: Seed = 0,
     force: Force = False,
 ) -> None:
     """LongRecipe impactful-token rows: keep the sentences that carry impactful tokens."""
-    _run(lambda: _done(out, build_impactful(
-        srcs, out, model=model, length=length, scorer=scorer, base=base, short=short, window=window, share=share,
-        other_share=other_share, seed=seed, on_bad_record=_policy(on_bad_record), text_field=text_field,
-        device=device, force=force, command=command_line(ctx))))
+    _build(out, build_impactful, srcs, out, model=model, length=length, scorer=scorer, base=base, short=short,
+           window=window, share=share, other_share=other_share, seed=seed, on_bad_record=_policy(on_bad_record),
+           text_field=text_field, device=device, force=force, command=command_line(ctx))
 
 
 @data_app.command("probes")
+@guarded
 def probes_cmd(
     ctx: typer.Context, out: Out, model: Model = "embedded",
     kinds: Annotated[str, typer.Option(help="passkey, needle and RULER tasks (niah_multikey, niah_multivalue, …)")
@@ -197,9 +184,6 @@ def probes_cmd(
     text_field: TextField = "text", seed: Seed = 0, force: Force = False,
 ) -> None:
     """Retrieval probes as training rows, from the evaluation's generators with training seeds."""
-    from .cli import _floats, _ints
-
-    _run(lambda: _done(out, build_probes(
-        out, model=model, kinds=[k.strip() for k in kinds.split(",") if k.strip()], lengths=_ints(lengths),
-        depths=_floats(depths, "--depths"), count=count, seed=seed, haystack=haystack, text_field=text_field,
-        force=force, command=command_line(ctx))))
+    _build(out, build_probes, out, model=model, kinds=names(kinds), lengths=ints(lengths),
+           depths=floats(depths, "--depths"), count=count, seed=seed, haystack=haystack, text_field=text_field,
+           force=force, command=command_line(ctx))
