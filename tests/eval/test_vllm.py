@@ -239,3 +239,50 @@ def test_parity_default_and_yarn(vllm_python, smollm2, tmp_path):
     res = runner.invoke(app, ["check-parity", str(yarn), "--lengths", "1024"])
     assert res.exit_code == 0 and "agree" in res.output, res.output
     assert "| 1,024 | 512–1,023 |" in res.output  # positions beyond the original window were compared
+
+
+def test_a_run_with_the_vllm_backend_evaluates_saved_models_in_vllm_and_reports_parity(tmp_path, monkeypatch):
+    """eval.backend vllm: every evaluation goes to vLLM with the saved model's directory, then the final model's rope
+    parity is checked once, kept in its eval.json and shown in the report (the engines themselves are stubbed)."""
+    from ctxstretch.eval.passkey import Grid
+    from ctxstretch.eval.suite import EvalResult
+    from ctxstretch.recipes import pipeline
+    from ctxstretch.recipes.config import PipelineConfig
+
+    served, checked = [], []
+
+    def fake_eval(model_dir, cfg, window, target, log_path=None, progress=None):
+        served.append(Path(model_dir))
+        return EvalResult(Grid("passkey", [512], [0.5], np.ones((1, 1)), 1), None, None, {}, window)
+
+    bucket = {"length": 512, "lo": 0, "hi": 256, "n": 255, "max_top": 1e-5, "mean_top": 1e-6, "mean_tok": 2e-6,
+              "agree": 1.0, "nan": 0}
+
+    def fake_parity(model_dir, log_path=None):
+        checked.append(Path(model_dir))
+        return {"dtype": "float32", "verdict": "agree: every bucket within …", "buckets": [bucket]}
+
+    monkeypatch.setattr(pipeline, "check_backend", lambda name: name)
+    monkeypatch.setattr(pipeline, "evaluate_dir", fake_eval)
+    monkeypatch.setattr(pipeline, "parity_record", fake_parity)
+    cfg = PipelineConfig(target=512, device="cpu", eval={"backend": "vllm", "lengths": [512]})
+    report = pipeline.run_pipeline(cfg, tmp_path / "run")
+    assert served == [MODEL_DIR, tmp_path / "run" / "model"] and checked == [tmp_path / "run" / "model"]
+    saved = json.loads((tmp_path / "run" / "extended" / "eval.json").read_text())
+    assert saved["parity"]["verdict"].startswith("agree")
+    text = report.read_text()
+    assert "## Rope parity: transformers vs vLLM" in text and "| 512 | 0–256 | 255 |" in text
+    pipeline.run_pipeline(cfg, tmp_path / "run", resume=True)  # read back, not checked again
+    assert checked == [tmp_path / "run" / "model"]
+
+
+def test_extend_and_compare_with_vllm_but_no_environment_stop_in_one_line_writing_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(vllm_env.ENV_VAR, raising=False)
+    for cmd in (["extend", "--steps", "0", "--target", "512"],
+                ["compare", "--recipes", "yarn-free", "--target", "512"]):
+        res = runner.invoke(app, [*cmd, "--backend", "vllm", "--out", str(tmp_path / cmd[0])])
+        assert res.exit_code == 2, res.output
+        error = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert len(error) == 1 and "no vLLM environment" in error[0], res.output
+        assert not (tmp_path / cmd[0] / "config.yaml").exists()

@@ -13,6 +13,9 @@ import ctxstretch
 from ..config import ConfigError
 from .common import console, floats, guarded, ints, names
 
+BACKEND_HELP = ("evaluations in transformers, or vllm (its own environment: `ctxstretch backend setup vllm`), "
+                "which also checks the final model's rope parity between the two")
+
 
 @guarded
 def extend(
@@ -33,6 +36,7 @@ def extend(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     log_with: Annotated[str, typer.Option(help="trackers beside metrics.jsonl, comma-separated: tensorboard, "
                                           "trackio, wandb (offline)")] = "",
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "transformers",
     config: Annotated[Path | None, typer.Option(help="a config.yaml from an earlier run (flags are ignored)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     force: Annotated[bool, typer.Option(help="overwrite an existing --out")] = False,
@@ -50,7 +54,8 @@ def extend(
         cfg = ctxstretch.extend_config(
             where="command line", model=model, target=target, method=method or None, positions=positions, text=text,
             text_field=text_field, steps=steps, train_length=train_length, lr=lr, lora_rank=lora_rank, device=device,
-            log_with=names(log_with), trust_remote_code=trust_remote_code, allow_bin=allow_bin)
+            log_with=names(log_with), trust_remote_code=trust_remote_code, allow_bin=allow_bin,
+            **({"eval": {"backend": backend}} if backend != "transformers" else {}))
     if dry_run:
         from ..extend import dry_run as describe
         from ..extend import resolve_extend
@@ -110,13 +115,14 @@ def compare(
     depths: Annotated[str | None, typer.Option(help="needle depths, e.g. 0.1,0.5,0.9")] = None,
     needle: Annotated[bool, typer.Option(help="also run the needle grid")] = True,
     short_rows: Annotated[int | None, typer.Option(help="rows of the base window for the short-context loss")] = None,
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "transformers",
 ) -> None:
     """Run several recipes under one budget; write compare.md (+ report.md/html with every model side by side)."""
     if not names(recipes):
         raise ConfigError("--recipes: give at least one recipe name")
     evals = {"lengths": ints(lengths) or None, "trials": trials, "loss_rows": loss_rows,
              "depths": floats(depths, "--depths") if depths else None, "needle": None if needle else False,
-             "short_rows": short_rows}
+             "short_rows": short_rows, "backend": None if backend == "transformers" else backend}
     path = ctxstretch.compare(names(recipes), out=out, model=model, target=target, steps=steps,
                               batch_size=batch_size, eval={k: v for k, v in evals.items() if v is not None},
                               console=console)

@@ -72,7 +72,6 @@ class Evaluator:
         self.lengths = cfg.eval.lengths or doublings(window, cfg.target)
         if self.ruler:
             lmeval_ruler.check_tasks(self.ruler, self.lengths)
-        check_backend(cfg.eval.backend)  # a missing vLLM environment fails before anything runs
 
     def __call__(self, directory: Path, model: Callable[[], torch.nn.Module], model_dir: Path) -> EvalResult:
         """The evaluation of `model()` (saved at `model_dir`) in `directory`, run there unless it is already."""
@@ -129,6 +128,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force:
     path = resolve(cfg.model)
     window = original_window(load_config(path, cfg.trust_remote_code, cfg.allow_bin))
     cfg = cfg.resolved(window)
+    check_backend(cfg.eval.backend)  # a missing vLLM environment fails before anything is written
     if main:
         prepare_out(run.root, saved_config or cfg.model_dump(mode="json"), resume, force)
     barrier(device)
