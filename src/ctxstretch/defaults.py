@@ -71,21 +71,21 @@ def train_defaults(*, params: int, embedded: bool, train_length: int, device: st
     lr = pretrained_lr(params)
     if device == "cuda":
         rows = max(1, GPU_TOKENS_PER_STEP // train_length)
-        steps = max(MIN_CPU_STEPS, int(GPU_TOKEN_BUDGET // (rows * train_length)))
-        budget = f"{rows} rows ≈ 2^20 tokens per step, " + ("1e9 tokens" if given_steps is None else "")
+        per_step = f"{rows} rows ≈ 2^20 tokens per step"
     else:
-        rows, budget = 1, "1 row per step, "
-        if given_steps is None:
-            if step_seconds is None or step_seconds <= 0:
-                raise ValueError("a pretrained model on a CPU needs step_seconds to size its steps")
-            steps = max(MIN_CPU_STEPS, int(CPU_HOURS * 3600 // step_seconds))
-            budget += f"steps that fit {CPU_HOURS:g} h at ~{step_seconds:.0f} s per step"
+        rows, per_step = 1, "1 row per step"
     if given_steps is not None:
-        steps = given_steps
-        budget += f"{given_steps} steps as given"
+        steps, budget = given_steps, f"{given_steps} steps as given"
+    elif device == "cuda":
+        steps, budget = max(MIN_CPU_STEPS, int(GPU_TOKEN_BUDGET // (rows * train_length))), "1e9 tokens"
+    else:
+        if step_seconds is None or step_seconds <= 0:
+            raise ValueError("a pretrained model on a CPU needs step_seconds to size its steps")
+        steps = max(MIN_CPU_STEPS, int(CPU_HOURS * 3600 // step_seconds))
+        budget = f"steps that fit {CPU_HOURS:g} h at ~{step_seconds:.0f} s per step"
     warmup = warmup_for(steps, embedded)
-    rule = (f"pretrained model, {params / 1e6:,.0f}M parameters: LR 2e-5·sqrt(7e9/N) = {lr:.3g}, {budget}, "
-            f"warm-up {warmup}, activation checkpointing, {precision}")
+    rule = (f"pretrained model, {params / 1e6:,.0f}M parameters: LR 2e-5·sqrt(7e9/N) = {lr:.3g}, {per_step}, "
+            f"{budget}, warm-up {warmup}, activation checkpointing, {precision}")
     return TrainDefaults(lr, warmup, rows, steps, True, precision, rule)
 
 

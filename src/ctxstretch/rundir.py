@@ -54,6 +54,7 @@ class StageDir:
     checkpoints = _under("checkpoints")
     metrics = _under("metrics.jsonl")
     done = _under("done.json", "The stage's summary, written when it finished (a finished stage is not redone).")
+    logs = _under("logs", "The trackers' files when the stage trains on its own (in a run: the run's logs/).")
 
     @property
     def name(self) -> str:

@@ -17,7 +17,7 @@ from ..eval.suite import EvalConfig
 from ..positions import METHODS as POSITION_METHODS
 from ..rope import METHODS as ROPE_METHODS
 from ..rope import default_target
-from ..train.loop import mixed_precision
+from ..train.loop import shared_settings
 from ..train.parallel import resolve_device
 
 
@@ -170,11 +170,10 @@ class PipelineConfig(RunSettings):
 def check_shared(stages: list[StageConfig]) -> None:
     """A run's training stages share one Accelerator: one precision, one set of trackers."""
     train = [s for s in stages if s.kind == "train"]
-    shared = {"precision": lambda t: mixed_precision(t, resolve_device(t.device)), "log_with": lambda t: t.log_with}
-    for key, value in shared.items():
-        values = {s.name: getattr(s.train, key) for s in train}
-        if len({str(value(s.train)) for s in train}) > 1:
-            shown = ", ".join(f"{n}: {v}" for n, v in values.items())
+    shared = [shared_settings(s.train) for s in train]
+    for key in shared[0] if shared else ():
+        if len({str(one[key]) for one in shared}) > 1:
+            shown = ", ".join(f"{s.name}: {getattr(s.train, key)}" for s in train)
             raise ConfigError(f"stages: train.{key} differs between training stages ({shown}); a run trains with "
                               f"one {key} — set the same value on every stage")
 

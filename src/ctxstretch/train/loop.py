@@ -58,7 +58,7 @@ from .parallel import (
     sharded,
     zero3,
 )
-from .tracking import PositionLoss, logs_dir, start_trackers
+from .tracking import PositionLoss, start_trackers
 
 BatchFn = Callable[[int], Batch]
 EvalFn = Callable[[torch.nn.Module, int], dict[str, float]]
@@ -174,16 +174,18 @@ def run_accelerator(cfg: TrainConfig, device: str, logs: Path) -> Accelerator:
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
 
 
-def check_run_settings(accelerator: Accelerator, cfg: TrainConfig, device: str, name: str) -> None:
-    """Refuse a stage whose precision or trackers differ from its run's Accelerator (they are fixed per run)."""
-    want = mixed_precision(cfg, device)
-    if accelerator.mixed_precision != want:
-        raise ConfigError(f"stage {name}: precision {cfg.precision} ({want}) differs from the run's "
-                          f"({accelerator.mixed_precision}); give every training stage of a run the same precision")
-    have = sorted(str(t) for t in accelerator.log_with)
-    if sorted(cfg.log_with) != have:
-        raise ConfigError(f"stage {name}: log_with {cfg.log_with} differs from the run's {have}; give every training "
-                          "stage of a run the same trackers")
+def shared_settings(cfg: TrainConfig) -> dict[str, object]:
+    """What a run's training stages share through its one Accelerator: the precision and the trackers."""
+    return {"precision": mixed_precision(cfg, resolve_device(cfg.device)), "log_with": sorted(cfg.log_with)}
+
+
+def check_run_settings(accelerator: Accelerator, cfg: TrainConfig, name: str) -> None:
+    """Refuse a stage whose `shared_settings` differ from its run's Accelerator (they are fixed per run)."""
+    run = {"precision": accelerator.mixed_precision, "log_with": sorted(str(t) for t in accelerator.log_with)}
+    for key, value in shared_settings(cfg).items():
+        if value != run[key]:
+            raise ConfigError(f"stage {name}: {key} {value} differs from the run's {run[key]}; give every training "
+                              f"stage of a run the same {key}")
 
 
 def tracked(record: dict) -> dict[str, float]:
@@ -218,8 +220,8 @@ def train_stage(
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if accelerator is None:  # a stage on its own: a run of one stage
-        accelerator = run_accelerator(cfg, device, logs_dir(run_dir))
-    check_run_settings(accelerator, cfg, device, name)
+        accelerator = run_accelerator(cfg, device, StageDir(run_dir).logs)
+    check_run_settings(accelerator, cfg, name)
     accelerator.gradient_accumulation_steps = cfg.grad_accum
     main = accelerator.is_main_process
     if main:

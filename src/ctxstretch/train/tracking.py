@@ -12,7 +12,6 @@ stage's `logs/` folder (TensorBoard) or their own local store (trackio's SQLite 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -28,10 +27,6 @@ def start_trackers(accelerator: Accelerator, names: list[str], stage: str, hyper
         os.environ.setdefault("WANDB_MODE", "offline")
     flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hyper.items()}
     accelerator.init_trackers(stage, config=flat)
-
-
-def logs_dir(run_dir: Path) -> Path:
-    return run_dir / "logs"
 
 
 def bucket_label(edge: int) -> str:
