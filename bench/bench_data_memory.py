@@ -73,7 +73,7 @@ def child(src: str, cache: str) -> None:
     os.environ["CTXSTRETCH_CACHE"] = cache
     from ctxstretch.data.builders import read_corpus
     from ctxstretch.data.datasets import load_tokenizer
-    from ctxstretch.data.readers import BadRecords
+    from ctxstretch.data.records import BadRecords
 
     tok = load_tokenizer("embedded")
     base_anon = _rss_anon_kb()

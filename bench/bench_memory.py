@@ -1,7 +1,7 @@
 """Peak memory of ONE training step per token, against the row length: the embedded model, one `train_stage` step
 (forward + backward + AdamW, default settings: bf16 autocast, sdpa) on one row, each cell in a fresh process.
 
-    nice -n 10 python bench/bench_memory.py [--lengths 4096,8192,16384,32768] [--kinds one,packed,padded] [--64k]
+    nice -n 10 python bench/bench_memory.py [--lengths 4096,8192,16384,32768,65536] [--kinds one,packed,padded]
 
 Row kinds: `one` — one document over the whole row; `packed` — `--docs` documents (default 2) packed in the row,
 positions restarting per document; `padded` — an SFT row: one document over half the row with the loss on its
@@ -74,8 +74,8 @@ def cell(kind: str, length: int, docs: int, threads: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", default="4096,8192,16384,32768")
-    ap.add_argument("--64k", dest="big", action="store_true", help="add 65,536-token rows")
+    ap.add_argument("--lengths", default="4096,8192,16384,32768,65536",
+                    help="row lengths in tokens (a 65,536-token cell takes 5-15 min on one thread)")
     ap.add_argument("--kinds", default="one,packed,padded")
     ap.add_argument("--docs", type=int, default=2, help="documents per packed row")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
@@ -85,7 +85,7 @@ def main() -> None:
         print(json.dumps(cell(args.cell[0], int(args.cell[1]), args.docs, args.threads)))
         return
 
-    lengths = [int(x) for x in args.lengths.split(",")] + ([65536] if args.big else [])
+    lengths = [int(x) for x in args.lengths.split(",")]
     kinds = args.kinds.split(",")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s), "
           f"{datetime.date.today().isoformat()}; embedded model, one train_stage step, batch 1, bf16 autocast, "

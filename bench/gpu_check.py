@@ -1,6 +1,7 @@
-"""GPU readiness check for memory-linear long rows, one table: FA2 varlen (position gaps) against sdpa per-document
-attention, the chunked LM-head loss against the plain loss, and bf16 training steps of a ~1B Llama-shaped model
-(random init, no downloads) at 8K and 32K tokens — tokens/s and `torch.cuda.max_memory_allocated`.
+"""GPU readiness check for memory-linear long rows, one table: FA2 varlen (the training step's flattened rows with
+`cu_seq_lens` from segment ids, position gaps) against sdpa per-document attention, the chunked LM-head loss
+against the plain loss, and bf16 training steps of a ~1B Llama-shaped model (random init, no downloads)
+at 8K and 32K tokens — tokens/s and `torch.cuda.max_memory_allocated`.
 
     bash bench/gpu_check.sh [--dry-run]        # or: PYTHONPATH=src python bench/gpu_check.py [--dry-run]
 
@@ -25,8 +26,9 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from ctxstretch.masking import attention_inputs, use_document_attention  # noqa: E402
 from ctxstretch.train.loop import param_groups  # noqa: E402
-from ctxstretch.train.loss import chunked_weighted_loss, final_hidden, token_weights, weighted_loss  # noqa: E402  # noqa: E402
+from ctxstretch.train.loss import chunked_weighted_loss, final_hidden, token_weights, weighted_loss  # noqa: E402
 from ctxstretch.train.parallel import Layout, local_batch  # noqa: E402
+from ctxstretch.train.step import varlen_batch  # noqa: E402
 
 GB = 1024**3
 
@@ -76,17 +78,23 @@ def packed_row(length: int, vocab: int, docs: int, gap: int, device) -> dict[str
 
 
 def check_fa2(s: Sizes, device: str) -> tuple[str, str, str]:
-    name = "FA2 varlen (gaps) vs sdpa per-document logits"
+    """Two packed rows (3 and 2 documents, position gaps inside each) as the training step feeds flash-attention-2:
+    flattened to one row with `cu_seq_lens` from the segment ids (`varlen_batch`), against sdpa run per document
+    on the rows as they are; bf16 autocast, 2 layers."""
+    name = "FA2 varlen (cu_seq_lens, 2 rows, gaps) vs sdpa per-document logits"
+    rows = [packed_row(s.compare_length, s.vocab, docs, 1000, "cpu") for docs in (3, 2)]
+    batch = {k: torch.cat([r[k] for r in rows]).to(device) for k in rows[0]}
+    flat, varlen = varlen_batch(batch)  # built in the dry run too
     if device != "cuda" or importlib.util.find_spec("flash_attn") is None:
-        return name, "skipped: no flash-attn/CUDA", "skip"
-    row = packed_row(s.compare_length, s.vocab, 3, 1000, device)
+        return name, f"skipped: no flash-attn/CUDA ({len(varlen['cu_seq_lens_q']) - 1} sequences built)", "skip"
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         sdpa = llama(s, device, layers=2).eval()
         use_document_attention(sdpa)
-        ref = sdpa(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False,
-                   **attention_inputs(sdpa, row["segment_ids"])).logits.float()
+        ref = sdpa(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                   **attention_inputs(sdpa, batch["segment_ids"])).logits.float()
         fa = llama(s, device, layers=2, attn="flash_attention_2").eval()
-        got = fa(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False).logits.float()
+        got = fa(input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False,
+                 **varlen).logits.float().reshape(ref.shape)
     rel = float((got - ref).abs().max() / ref.abs().max())
     return name, f"max |Δ| / max |logit| = {rel:.2e}", "ok" if rel < 2e-2 else "FAIL"
 

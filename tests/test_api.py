@@ -66,14 +66,14 @@ def test_settings_are_named_as_in_config_yaml():
 def test_the_api_names_stay_functions_beside_their_submodules():
     import importlib
 
-    for name in ("ctxstretch.extend", "ctxstretch.compare", "ctxstretch.train.loop"):
+    for name in ("ctxstretch.recipes.extend", "ctxstretch.compare", "ctxstretch.train.loop"):
         importlib.import_module(name)  # loading a submodule binds it on its package, unless the name is the API's
     from ctxstretch import compare, train
 
     assert ctxstretch.extend is extend and {f.__module__ for f in (extend, train, compare)} == {"ctxstretch"}
-    assert sys.modules["ctxstretch.extend"].run_extend and sys.modules["ctxstretch.train.loop"].train_stage
+    assert sys.modules["ctxstretch.compare"].run_compare and sys.modules["ctxstretch.train.loop"].train_stage
     assert set(ctxstretch.__all__) >= {"extend", "evaluate", "train", "compare", "report"}
-    assert ctxstretch.ExtendConfig is sys.modules["ctxstretch.extend"].ExtendConfig
+    assert ctxstretch.ExtendConfig is sys.modules["ctxstretch.recipes.extend"].ExtendConfig
 
 
 def test_importing_the_package_loads_no_torch():

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from ctxstretch.cli import app
 from ctxstretch.defaults import lr_warning, pretrained_lr, train_defaults, warmup_for
-from ctxstretch.extend import DEFAULT_MIX, PRETRAINED_MIX, ExtendConfig, as_pipeline, dry_run, resolve_extend
 from ctxstretch.recipes import expand
 from ctxstretch.recipes.base import RecipeParams, share, split
+from ctxstretch.recipes.extend import DEFAULT_MIX, PRETRAINED_MIX, ExtendConfig, dry_run, pipeline, resolve_extend
 from ctxstretch.recipes.llama2_long import Llama2LongParams
 from ctxstretch.tiny import MODEL_DIR
 
@@ -83,7 +83,7 @@ def test_resolve_extend_embedded_and_pretrained(shaped_dir):
     assert t.lr == pytest.approx(pretrained_lr(134_515_008), rel=0.01) and t.batch_size == 1
     assert t.gradient_checkpointing and t.steps >= 10 and t.precision in ("bf16", "fp32")
     assert real.eval.heldout_trials == 1 and real.eval.precision == "auto"
-    stage = as_pipeline(real).stages[0]
+    stage = pipeline(real).stages[0]
     assert stage.data.long_threshold == 9830 and stage.data.long_weight > 1 and stage.data.text == ["stdlib"]
     # explicit settings win; a wrecking LR warns and names the derived value
     mine, rule = resolve_extend(ExtendConfig(model=str(shaped_dir), target=32768,
@@ -138,3 +138,32 @@ def test_presets_derive_their_settings_for_a_pretrained_model(shaped_dir):
     assert "passkey" not in extend_stage.data.mix and "sqrt" in pipe.description
     emb = expand(recipe_params(data, where), 256).stages[0]
     assert emb.train.lr == 1e-3 and emb.data.text == ["embedded"] and emb.train.batch_size == 4
+
+
+def test_checkpointing_is_on_past_the_base_window_for_pretrained_models_only(shaped_dir):
+    """Activation checkpointing follows the row length against the model's original window; the embedded model
+    keeps its tuned setting (off) at any length; `derive` and the presets path apply the same rule."""
+    from ctxstretch.defaults import base_window, derive
+
+    within = train_defaults(params=135_000_000, embedded=False, train_length=4096, device="cuda", window=8192)
+    past = train_defaults(params=135_000_000, embedded=False, train_length=9830, device="cuda", window=8192)
+    assert not within.gradient_checkpointing and "checkpointing off" in within.rule
+    assert past.gradient_checkpointing and "checkpointing on" in past.rule and "8,192-token window" in past.rule
+    emb = train_defaults(params=4_500_000, embedded=True, train_length=65536, device="cpu", window=256)
+    assert not emb.gradient_checkpointing and "no activation checkpointing" in emb.rule
+    assert base_window(str(shaped_dir)) == 8192
+    config = json.loads((shaped_dir / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+                                 "rope_theta": 1e5}
+    (shaped_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}))
+    assert base_window(str(shaped_dir)) == 2048  # an earlier scaling's original window
+    (shaped_dir / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    fill, rule = derive(str(shaped_dir), 4096, "cuda", {}, False)
+    assert fill["gradient_checkpointing"] is False and "4,096-token rows within" in rule
+    fill, _ = derive(str(shaped_dir), 4096, "cuda", {"gradient_checkpointing": True}, False)
+    assert "gradient_checkpointing" not in fill  # what the user set wins
+    from ctxstretch.recipes import expand, read_spec, recipe_params
+
+    data, where = read_spec("longrecipe")
+    short = expand(recipe_params({**data, "model": str(shaped_dir), "target": 8192, "device": "cpu"}, where), 8192)
+    assert not any(s.train.gradient_checkpointing for s in short.stages if s.train is not None)

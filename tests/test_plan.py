@@ -96,3 +96,17 @@ def test_accelerate_config_command_prints_a_path():
     assert result.exit_code == 0 and result.output.strip().endswith("fsdp2.yaml")
     result = runner.invoke(app, ["accelerate-config", "fsdp3"])
     assert result.exit_code == 2 and "choose from" in result.output
+
+
+# the "step" column of bench/RESULTS.md ("Memory of one training step"): peak RSS of one `train_stage` step of the
+# embedded model on one one-document row, minus the RSS before it, in MiB
+MEASURED_STEP_MIB = {4096: 507, 8192: 919, 16384: 1633, 32768: 2567, 65536: 4430}
+
+
+@pytest.mark.parametrize("length", sorted(MEASURED_STEP_MIB))
+def test_plan_agrees_with_the_measured_training_step_within_20_percent(length):
+    """plan models the code as it runs (one process, fp32 master weights, bf16 autocast, no checkpointing, the
+    chunked LM head): its total is within 20% of the measured step at every length from 4K to 64K."""
+    mem = memory_for(read_shape("embedded"), length, 1, "fp32", sharded=False, checkpointing=False, cp=1)
+    planned_mib = mem["total_gb"] * 1e9 / 2**20
+    assert planned_mib / MEASURED_STEP_MIB[length] == pytest.approx(1.0, abs=0.2)

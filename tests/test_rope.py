@@ -39,18 +39,28 @@ def test_dynamic_ntk_scales_rows_beyond_the_original_window():
     torch.testing.assert_close(short_base, short_dyn)  # inside the window nothing changes
 
 
-def test_abf_raises_theta_by_ntk_rule_and_keeps_default_type():
+def test_abf_stretches_the_slowest_frequency_by_the_target_ratio_and_keeps_the_fastest():
+    """The NTK rule's point: at 16× the window the slowest rotation turns 16× slower (its wavelength covers the
+    target as the original covered the window) while the fastest, which resolves neighbouring tokens, is kept."""
     c = cfg()
-    p = rope_parameters(c, "abf", 4096)
+    base = LlamaRotaryEmbedding(cfg()).inv_freq
+    p = apply_rope(c, "abf", 4096)
+    new = LlamaRotaryEmbedding(c).inv_freq
     assert p["rope_type"] == "default"
-    assert p["rope_theta"] == pytest.approx(10000 * 16 ** (32 / 30))
-    assert rope_parameters(c, "abf", 4096, theta=5e5)["rope_theta"] == 5e5
+    assert torch.allclose(new[0], base[0]) and torch.allclose(new[-1], base[-1] / 16, rtol=1e-5)
+    assert rope_parameters(cfg(), "abf", 4096, theta=5e5)["rope_theta"] == 5e5
 
 
 def test_ntk_fixed_matches_longrecipe_llama3_figure():
     # LongRecipe reports 48.9M for Llama-3 (theta 500k, d 128, 8k -> 80k)
     assert ntk_fixed_theta(500000, 8192, 81920, 128) / 1e6 == pytest.approx(48.9, rel=0.01)
-    assert abf_theta(10000, 256, 4096, 32) > 10000
+
+
+@pytest.mark.parametrize("rule", [abf_theta, ntk_fixed_theta])
+def test_base_rules_keep_the_base_at_the_window_and_grow_with_the_target(rule):
+    thetas = [rule(10000, 256, n, 32) for n in (256, 512, 1024, 4096)]
+    assert thetas[0] == pytest.approx(10000) and all(a < b for a, b in zip(thetas, thetas[1:], strict=False))
+    assert ntk_fixed_theta(10000, 256, 4096, 32) >= abf_theta(10000, 256, 4096, 32)  # LongRecipe's is the larger
 
 
 def test_linear_scales_inverse_frequencies_by_factor():

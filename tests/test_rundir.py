@@ -50,13 +50,13 @@ def test_a_comparison_shares_one_base_evaluation(tmp_path):
 def test_the_pipeline_writes_where_rundir_says(tmp_path):
     """A training-free pipeline's run directory, checked through RunDir's names."""
     from ctxstretch.recipes import pipeline_from
-    from ctxstretch.recipes.pipeline import run_pipeline
+    from ctxstretch.recipes.pipeline import Run
 
     tiny = {"lengths": [256, 512], "depths": [0.5], "trials": 1, "heldout_trials": 1, "heldout_depths": [0.5],
             "loss_rows": 1, "short_rows": 1, "needle": False, "chat": False}
     cfg = pipeline_from({"recipe": "yarn-free", "target": 512, "eval": tiny}, "x", lambda model: 256)
     run = RunDir(tmp_path / "run")
-    assert run_pipeline(cfg, run.root) == run.report
+    assert Run(cfg, run.root).execute() == run.report
     for path in (run.config, run.metrics, run.report, run.report_html, run.model / "config.json", run.base.json,
                  run.extended.json):
         assert path.exists(), path

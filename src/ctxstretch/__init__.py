@@ -10,8 +10,8 @@ The Python API is the command line's (`ctxstretch COMMAND --help`), keyword for 
 report.md. Settings are named as in the run's config.yaml; None (or leaving one out) means the library's default.
 Importing the package is cheap: torch and transformers load when a function is called.
 
-`extend`, `train` and `compare` are also the names of submodules: `ctxstretch.extend` is the function, and the
-module is reached with `from ctxstretch.extend import …`.
+`train` and `compare` are also the names of submodules: `ctxstretch.train` is the function, and the module is
+reached with `from ctxstretch.train import …`. The `extend` recipe's module is `ctxstretch.recipes.extend`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from .eval.suite import EvalConfig, EvalResult
-    from .extend import ExtendConfig
+    from .recipes.extend import ExtendConfig
     from .recipes.pipeline import PipelineConfig
 
 __version__ = "0.1.0"
@@ -35,7 +35,7 @@ __all__ = ["COMPARED", "EvalConfig", "EvalResult", "ExtendConfig", "PipelineConf
            "evaluate", "extend", "extend_config", "report", "train", "train_pipeline"]
 
 COMPARED = ("longrecipe", "full", "pose")  # the recipes `compare` runs unless told
-_LAZY = {"ExtendConfig": "ctxstretch.extend", "EvalConfig": "ctxstretch.eval.suite",
+_LAZY = {"ExtendConfig": "ctxstretch.recipes.extend", "EvalConfig": "ctxstretch.eval.suite",
          "EvalResult": "ctxstretch.eval.suite", "PipelineConfig": "ctxstretch.recipes.pipeline"}
 
 
@@ -57,7 +57,7 @@ def extend_config(config: str | Path | ExtendConfig | None = None, *, where: str
     lora_rank, eval={...}, …) and, flat or as train={...}, its training stage's (steps, lr, batch_size, device,
     log_with, …). An unknown name is an error suggesting the nearest valid one; `where` names the caller in it."""
     from .config import ConfigError, parse
-    from .extend import ExtendConfig, ExtendTrainConfig, load_extend_config
+    from .recipes.extend import ExtendConfig, ExtendTrainConfig, load_extend_config
 
     given = _given(settings)
     if config is not None:
@@ -83,12 +83,12 @@ def extend(model: str | None = None, target: int | None = None, *, out: str | Pa
     earlier run's config.yaml instead of model, target and settings. resume: continue an interrupted run in `out`;
     force: overwrite it."""
     from .config import ConfigError
-    from .extend import run_extend
+    from .recipes import extend as recipe
 
     if resume and force:
         raise ConfigError("extend(): resume and force conflict; pick one")
     cfg = extend_config(config, model=model, target=target, **settings)
-    return run_extend(cfg, Path(out), resume=resume, force=force, console=console)
+    return recipe.run(cfg, Path(out), resume=resume, force=force, console=console).execute()
 
 
 def evaluate(model: str = "embedded", *, out: str | Path = "runs/eval", backend: str = "transformers",
@@ -103,7 +103,7 @@ def evaluate(model: str = "embedded", *, out: str | Path = "runs/eval", backend:
     trials, depths, needle, ruler, loss_rows, short_rows, short_text, lm_eval_tasks, lm_eval_limit, …. backend:
     transformers or vllm (its own environment, `vllm_env`). `where` names the caller in error messages."""
     from .config import parse
-    from .eval.report import evaluate_model
+    from .eval.standalone import evaluate_model
     from .eval.suite import EvalConfig
 
     cfg = parse(EvalConfig, _given(settings), where)
@@ -138,13 +138,13 @@ def train(recipe: str | Path | PipelineConfig, *, out: str | Path = "runs/train"
     directory under `out`. recipe: a preset name, a recipe YAML file or a PipelineConfig; model, target, steps: as
     for `train_pipeline`. Returns report.md's path."""
     from .config import ConfigError
-    from .recipes.pipeline import PipelineConfig, run_pipeline
+    from .recipes.pipeline import PipelineConfig, Run
 
     if resume and force:
         raise ConfigError("train(): resume and force conflict; pick one")
     if not isinstance(recipe, PipelineConfig):
         recipe = train_pipeline(recipe, model=model, target=target, steps=steps)
-    return run_pipeline(recipe, Path(out), resume=resume, force=force, console=console)
+    return Run(recipe, Path(out), resume=resume, force=force, console=console).execute()
 
 
 def compare(recipes: Sequence[str] = COMPARED, *, out: str | Path = "runs/compare", model: str | None = None,
@@ -173,10 +173,10 @@ def report(runs: Sequence[str | Path], *, out: str | Path = "runs/report") -> Pa
 
 class _Package(types.ModuleType):
     """Importing a submodule binds it as an attribute of its package; for the submodules named like an API function
-    that binding is skipped, so `from ctxstretch import extend` is the function however often the module loads."""
+    that binding is skipped, so `from ctxstretch import train` is the function however often the module loads."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and name in ("extend", "train", "compare"):
+        if isinstance(value, types.ModuleType) and name in ("train", "compare"):
             return
         super().__setattr__(name, value)
 

@@ -23,7 +23,7 @@ from .eval.suite import EvalResult
 from .models import load_config, resolve
 from .plan import Shape, flops_per_token, read_shape
 from .recipes import CLAIMS, expand, recipe_params
-from .recipes.pipeline import run_pipeline
+from .recipes.pipeline import Run
 from .rope import original_window
 from .rundir import CompareDir, RunDir
 
@@ -70,8 +70,8 @@ def run_compare(names: list[str], out: Path, *, model: str = "embedded", target:
         pipeline = expand(p, window)
         run = cmp.run(p.recipe)
         if not run.finished:
-            run_pipeline(pipeline, run.root, resume=run.root.exists(), console=console, base_eval=cmp.base.root,
-                         title=f"ctxstretch compare: {p.recipe}")
+            Run(pipeline, run.root, resume=run.root.exists(), console=console, base_eval=cmp.base.root,
+                title=f"ctxstretch compare: {p.recipe}").execute()
         outcomes.append(outcome(p.recipe, run, read_shape(path)))
     resolved = expand(params[0], window).resolved(window)
     base = EvalResult.load(cmp.base.root)

@@ -65,7 +65,15 @@ class TrainConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
     precision: str = Field("auto", pattern="^(auto|bf16|fp32)$", description="bf16 autocast or fp32")
-    gradient_checkpointing: bool = False
+    param_dtype: str = Field("fp32", pattern="^(fp32|bf16)$",
+                             description="dtype of the trained weights: fp32 (under bf16 autocast where precision "
+                             "is bf16), or bf16 with fp32 master weights and AdamW state held by DeepSpeed's bf16 "
+                             "mode (needs a DeepSpeed launch with mixed_precision bf16, e.g. the deepspeed_bf16 "
+                             "accelerate config on one GPU); the saved model carries the trained dtype")
+    gradient_checkpointing: bool = Field(False, description="activation checkpointing: recompute each decoder "
+                                         "layer in the backward (derived: on past a pretrained model's window)")
+    activation_offload: bool = Field(False, description="keep the activations saved for the backward in pinned "
+                                     "CPU memory (torch.autograd.graph.save_on_cpu); CUDA only, refused on a CPU")
     checkpoint_every: int = Field(100, ge=1, description="save a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)

@@ -4,13 +4,15 @@ model's settings.
 The rule (printed at the start of every `extend`):
 
 - **The embedded model** keeps its tuned settings: LR 1e-3, 20 warm-up steps, 200 steps × 4 rows, no activation
-  checkpointing (README "Results").
+  checkpointing at any row length (4.5M parameters: memory is no concern at that size, test and CI time is;
+  README "Results").
 - **A pretrained model** of N parameters: peak LR `2e-5 · sqrt(7e9 / N)`, capped at 2e-4 — Llama 2 Long's 2e-5 at
   7B, LongRecipe's 5e-5 lands at ~1.4B, 1.4e-4 for SmolLM2-135M (smaller models tolerate larger steps). Rows per
   step: on a GPU about 2^20 tokens (the papers' batch scale), on a CPU one row. Steps: on a GPU a 1e9-token budget
   (LongRecipe trains on ~30% of a full-length run's tokens: this is that order), on a CPU what fits in two hours at
   40% of this machine's measured bf16 matmul peak (`hardware.matmul_peak`), at least 10. Warm-up: 5% of the steps, at
-  least 2. Activation checkpointing on.
+  least 2. Activation checkpointing on whenever the training rows are longer than the model's original window
+  (`base_window`: activations grow with the row, weights do not), off for rows within it.
 - **Precision**: bf16 autocast where the hardware has native bf16 (a CUDA GPU that reports it, a CPU whose oneDNN
   build reports bf16 support), fp32 elsewhere. Weights stay fp32 under autocast (the optimizer's master copy).
 
@@ -60,14 +62,17 @@ def pretrained_lr(params: int) -> float:
 
 
 def train_defaults(*, params: int, embedded: bool, train_length: int, device: str,
-                   step_seconds: float | None = None, given_steps: int | None = None) -> TrainDefaults:
+                   step_seconds: float | None = None, given_steps: int | None = None,
+                   window: int = 0) -> TrainDefaults:
     """The derived settings (see the module docstring). step_seconds: the estimated time of one CPU optimizer step
     of one row (`cpu_step_seconds`), which sizes the steps of a pretrained model on a CPU; given_steps: the user's
-    step count instead (the warm-up then follows it)."""
+    step count instead (the warm-up then follows it); window: the model's original window in tokens (0: unknown,
+    checkpointing on)."""
     precision = precision_for(device)
     if embedded:
         return TrainDefaults(EMBEDDED_LR, EMBEDDED_WARMUP, EMBEDDED_ROWS, EMBEDDED_STEPS, False, precision,
-                             "embedded model: its tuned settings (LR 1e-3, 200 steps × 4 rows)")
+                             "embedded model: its tuned settings (LR 1e-3, 200 steps × 4 rows, no activation "
+                             "checkpointing at any length)")
     lr = pretrained_lr(params)
     if device == "cuda":
         rows = max(1, GPU_TOKENS_PER_STEP // train_length)
@@ -84,9 +89,24 @@ def train_defaults(*, params: int, embedded: bool, train_length: int, device: st
         steps = max(MIN_CPU_STEPS, int(CPU_HOURS * 3600 // step_seconds))
         budget = f"steps that fit {CPU_HOURS:g} h at ~{step_seconds:.0f} s per step"
     warmup = warmup_for(steps, embedded)
+    ckpt = not window or train_length > window
+    where = f"{train_length:,}-token rows {'past' if ckpt else 'within'} the {window:,}-token window" if window else \
+        "window unknown"
     rule = (f"pretrained model, {params / 1e6:,.0f}M parameters: LR 2e-5·sqrt(7e9/N) = {lr:.3g}, {per_step}, "
-            f"{budget}, warm-up {warmup}, activation checkpointing, {precision}")
-    return TrainDefaults(lr, warmup, rows, steps, True, precision, rule)
+            f"{budget}, warm-up {warmup}, activation checkpointing {'on' if ckpt else 'off'} ({where}), "
+            f"{precision}")
+    return TrainDefaults(lr, warmup, rows, steps, ckpt, precision, rule)
+
+
+def base_window(model: str) -> int:
+    """The model's original window in tokens, from its config.json: the rope's `original_max_position_embeddings`
+    when an earlier scaling recorded it, else `max_position_embeddings` (0 when neither is there)."""
+    from .models import read_json, resolve
+
+    raw = read_json(resolve(model) / "config.json")
+    raw = raw.get("text_config", raw)
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    return int(rope.get("original_max_position_embeddings") or raw.get("max_position_embeddings") or 0)
 
 
 def warmup_for(steps: int, embedded: bool) -> int:
@@ -121,12 +141,15 @@ def derive(model: str, train_length: int, device: str, given: dict, embedded: bo
     if not set(unset) - set(kept):
         return kept, "kept from the run's config.yaml"
     shape = read_shape(model)
+    window = base_window(model)
     step_s = None
     if device == "cpu" and not embedded and "steps" in unset:
-        step_s = cpu_step_seconds(flops_per_token(shape, train_length), train_length, True,
+        ckpt = given.get("gradient_checkpointing")
+        step_s = cpu_step_seconds(flops_per_token(shape, train_length), train_length,
+                                  train_length > window if ckpt is None else bool(ckpt),
                                   matmul_peak(precision_for(device)))
     d = train_defaults(params=shape.params, embedded=embedded, train_length=train_length, device=device,
-                       step_seconds=step_s, given_steps=None if "steps" in unset else given["steps"])
+                       step_seconds=step_s, given_steps=None if "steps" in unset else given["steps"], window=window)
     fill = {k: v for k, v in d.as_train().items() if k in unset} | kept
     warning = lr_warning(fill.get("lr", given.get("lr")) or 0.0, shape.params, embedded)
     return fill, d.rule + (f"\n[yellow]warning:[/] {warning}" if warning else "")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,10 +98,37 @@ def load(path: Path, device: str = "cpu", trust_remote_code: bool = False, allow
     return model.to(device).eval(), tokenizer
 
 
+def with_parameters(model: torch.nn.Module, make: Callable[[torch.nn.Parameter], torch.Tensor]) -> torch.nn.Module:
+    """A deep copy of `model` whose every parameter p is `make(p)` (tied parameters stay one tensor); buffers,
+    such as rotary frequencies, are copied as they are."""
+    memo = {id(p): torch.nn.Parameter(make(p), p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def eval_dtype(precision: str) -> torch.dtype:
+    """Weights for evaluation: bf16 when the evaluation runs in bf16 (a bf16-native device, or asked for), fp32
+    otherwise. Under bf16 autocast every matrix product already reads bf16 weights; holding them in bf16 halves
+    the weights' memory and changes the embedded model's mean held-out loss by < 1% (`tests/test_models_dtype.py`)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` itself when its parameters are in `dtype` already, else a copy with its parameters cast to `dtype`
+    (buffers kept; `model` unchanged, so a model still being trained keeps its weights)."""
+    if model.dtype == dtype:
+        return model
+    out = with_parameters(model, lambda p: p.detach().to(dtype))
+    out.config.dtype = dtype
+    return out
+
+
 def save(model, tokenizer, out: Path) -> Path:
-    """Write a plain HF directory (safetensors) atomically: to `out.tmp`, then renamed."""
+    """Write a plain HF directory (safetensors) atomically: to `out.tmp`, then renamed. The weights are written in
+    the dtype the model holds them in (bf16 when trained with bf16 parameters), and config.json's `dtype` says so,
+    so `AutoModelForCausalLM.from_pretrained(out, dtype="auto")` loads them as trained."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    model.config.dtype = model.dtype  # weights put into a copy by `unsharded` leave the copy's config behind
     with writing(tmp, out):  # a failed write leaves no `out.tmp` (config.json without weights) behind
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

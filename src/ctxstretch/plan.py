@@ -101,27 +101,38 @@ def flops_per_token(shape: Shape, length: int) -> float:
 
 def activation_bytes_per_token(shape: Shape, checkpointing: bool) -> float:
     """Activations kept for the backward, per token of a row, as `train_stage` runs: bf16 autocast over fp32 master
-    weights, flash/SDPA attention (no T² scores).
+    weights, flash/SDPA attention (no T² scores), the chunked LM head.
 
-    Per layer: the residual stream stays fp32 under autocast, and each RMSNorm keeps its fp32 input and fp32 output
-    plus the bf16 copy its projection saves (2 × 10·d bytes); q, k and v in bf16 with q and k kept before and after
-    RoPE (4·(d + 2·kv), taking h·hd = d); the attention output (2·d); the gated MLP's gate, up, act(gate) and
-    product in bf16 (8·I). With checkpointing only each layer's fp32 input
-    (4·d) is kept, plus one layer recomputed at a time. Checked against `bench/bench_memory.py` (RESULTS.md)."""
+    Per layer, in bytes per token (h·hd taken as d, kv = kv_heads·hd):
+    - two RMSNorms, each keeping its fp32 input (the residual stream, fp32 under autocast) and its fp32 normalised
+      product (the weight multiplies it): 2 × 8·d;
+    - autocast casts a projection's fp32 input to bf16 once per projection, and each cast is kept: q, k, v and
+      gate, up read their norm's output, so 5 × 2·d;
+    - RoPE keeps the bf16 q and k and their `rotate_half` copies (2 × 2·(d + kv)); sdpa keeps its bf16 q, k, v and
+      output (2·d + 4·kv + 2·d);
+    - the gated MLP's gate, up, act(gate) and product in bf16 (8·I).
+    With checkpointing only each layer's fp32 input (4·d) is kept, plus one layer recomputed at a time. Outside the
+    layers: the final norm (8·d) and the fp32 copy of the labelled tokens' hidden states the chunked head reads
+    (4·d). The peak comes in the backward of the last layer, with all of that alive and the first gradients
+    beside it: the fp32 gradients of the final hidden states and of the residual stream (8·d) and the bf16
+    gradients of the MLP's gate, up and product (6·I). Checked against `bench/bench_memory.py`
+    (bench/RESULTS.md)."""
     d, kv = shape.hidden, shape.kv_heads * shape.head_dim
-    layer = 20 * d + 4 * (d + 2 * kv) + 2 * d + 8 * shape.intermediate
+    layer = 16 * d + 10 * d + 4 * (d + kv) + 4 * d + 4 * kv + 8 * shape.intermediate
+    head = 12 * d + 8 * d + 6 * shape.intermediate
     if checkpointing:
-        return shape.layers * 4 * d + layer
-    return shape.layers * layer
+        return shape.layers * 4 * d + layer + head
+    return shape.layers * layer + head
 
 
 LOSS_CHUNK = 2048  # tokens per chunk of the LM head + loss (`ctxstretch.train.loss`)
 
 
 def logits_bytes_per_token(shape: Shape) -> float:
-    """Full-vocabulary logits: bf16 logits + their fp32 copy + the fp32 gradient (2 + 4 + 4 bytes per entry) — what a
-    plain loss holds. `train_stage` runs the head in checkpointed chunks (`logits_bytes`), which avoids it."""
-    return 10 * shape.vocab
+    """Full-vocabulary logits at the loss's backward: bf16 logits, their fp32 copy, the fp32 log-softmax the
+    cross-entropy keeps and its fp32 gradient (2 + 4 + 4 + 4 bytes per entry) — what a plain loss holds for every
+    token. `train_stage` runs the head in checkpointed chunks (`logits_bytes`), which holds it for one chunk."""
+    return 14 * shape.vocab
 
 
 def logits_bytes(shape: Shape, tokens: float) -> float:

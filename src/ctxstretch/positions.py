@@ -1,7 +1,7 @@
 """Position-index transforms: a row of `n` real tokens gets `position_ids` spread over a longer window `[0, L)`.
 
 All functions are pure: they take an explicit `numpy.random.Generator` and return an int64 array of shape (n,),
-strictly increasing, with values in `[0, L)`. See methods.md §0.
+strictly increasing, with values in `[0, L)`.
 """
 
 from __future__ import annotations

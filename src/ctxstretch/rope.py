@@ -1,12 +1,12 @@
 """RoPE methods → transformers' rope configuration (`config.rope_parameters`). Nothing here patches attention.
 
-Methods (methods.md §0): `abf` (a new `rope_theta`), `ntk-fixed` (LongRecipe: the dynamic-NTK base evaluated
-once at the target), `pi` (linear), `ntk` (dynamic), `yarn`, `llama3`.
+Methods: `abf` (a new `rope_theta`, Xiong et al. 2023), `ntk-fixed` (LongRecipe, Hu et al. 2024: the dynamic-NTK
+base evaluated once at the target), `pi` (linear, Chen et al. 2023), `ntk` (dynamic), `yarn` (Peng et al. 2023),
+`llama3`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from .config import UserError
@@ -47,7 +47,7 @@ def default_target(window: int) -> int:
 
 
 def abf_theta(theta: float, base_window: int, target: int, dim: int) -> float:
-    """ABF default base: the NTK rule `theta · (L/L0)^(d/(d-2))` (methods.md §0, our choice)."""
+    """ABF default base: the NTK rule `theta · (L/L0)^(d/(d-2))` (our choice of default)."""
     return theta * (target / base_window) ** (dim / (dim - 2))
 
 
@@ -94,10 +94,3 @@ def apply_rope(config, method: str, target: int, theta: float | None = None) -> 
     if params["rope_type"] != "dynamic":
         config.max_position_embeddings = int(target)
     return params
-
-
-def longest_wavelength(config) -> float:
-    """Tokens per turn of the slowest rotary frequency (for an ABF sanity check)."""
-    params = current_rope(config)
-    dim = head_dim(config)
-    return 2 * math.pi * float(params["rope_theta"]) ** ((dim - 2) / dim)

@@ -14,8 +14,8 @@ from ctxstretch.data.mix import ROW_KINDS, RowMixer
 from ctxstretch.data.probes import rng_for
 from ctxstretch.data.ruler import PROBE_KINDS
 from ctxstretch.data.sources import embedded_token_stream
-from ctxstretch.extend import DEFAULT_MIX, PRETRAINED_MIX
 from ctxstretch.recipes import PRESETS, expand, read_spec, recipe_params
+from ctxstretch.recipes.extend import DEFAULT_MIX, PRETRAINED_MIX
 
 
 def test_every_training_row_kind_is_registered():

@@ -129,8 +129,9 @@ def test_eval_runs_an_lm_eval_ruler_task_offline(tmp_path):
 
 def test_extend_runs_lm_eval_ruler_on_each_saved_model(tmp_path, micro_model_dir, monkeypatch):
     """RULER tasks in `eval.lm_eval_tasks` run on the base and the saved extended model, into each report."""
-    from ctxstretch.extend import ExtendConfig, run_extend
+    from ctxstretch import extend
     from ctxstretch.recipes import pipeline
+    from ctxstretch.recipes.extend import ExtendConfig
 
     seen = []
 
@@ -145,7 +146,7 @@ def test_extend_runs_lm_eval_ruler_on_each_saved_model(tmp_path, micro_model_dir
                              "short_rows": 0, "heldout_depths": [0.5], "heldout_trials": 1,
                              "lm_eval_tasks": ["niah_single_1"], "lm_eval_limit": 2})
     out = tmp_path / "run"
-    report = run_extend(cfg, out).read_text()
+    report = extend(config=cfg, out=out).read_text()
     assert [s[0] for s in seen] == [micro_model_dir, out / "model"]
     assert seen[0][1:] == (("niah_single_1",), (256,), 2)
     assert json.loads((out / "extended" / "eval.json").read_text())["external_ruler"] == {"niah_single_1": {"256": 0.5}}

@@ -266,13 +266,13 @@ def test_a_run_with_the_vllm_backend_evaluates_saved_models_in_vllm_and_reports_
     monkeypatch.setattr(pipeline, "evaluate_dir", fake_eval)
     monkeypatch.setattr(pipeline, "parity_record", fake_parity)
     cfg = PipelineConfig(target=512, device="cpu", eval={"backend": "vllm", "lengths": [512]})
-    report = pipeline.run_pipeline(cfg, tmp_path / "run")
+    report = pipeline.Run(cfg, tmp_path / "run").execute()
     assert served == [MODEL_DIR, tmp_path / "run" / "model"] and checked == [tmp_path / "run" / "model"]
     saved = json.loads((tmp_path / "run" / "extended" / "eval.json").read_text())
     assert saved["parity"]["verdict"].startswith("agree")
     text = report.read_text()
     assert "## Rope parity: transformers vs vLLM" in text and "| 512 | 0–256 | 255 |" in text
-    pipeline.run_pipeline(cfg, tmp_path / "run", resume=True)  # read back, not checked again
+    pipeline.Run(cfg, tmp_path / "run", resume=True).execute()  # read back, not checked again
     assert checked == [tmp_path / "run" / "model"]
 
 

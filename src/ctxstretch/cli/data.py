@@ -8,32 +8,69 @@ and `ctxstretch.json` (tokenizer identity, row length).
 - `impactful`:    LongRecipe rows of sentences rich in impactful tokens (scorer model or digit heuristic);
 - `probes`:       passkey / needle / RULER retrieval probes as training rows (training seeds only).
 
-Each command is a thin face over a `build_*` function of `ctxstretch.data.builders`.
+Each command's flags are its builder's argument model (`ctxstretch.data.builders.REGISTRY`): one flag per field,
+named, typed, defaulted and described by the field; `FLAGS` says where the command line spells a field otherwise
+(a list given as comma-separated text, another flag name, a fixed set of choices).
 """
 
 from __future__ import annotations
 
+import inspect
 import shlex
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..config import ConfigError
-from ..data.builders import (
-    build_cip,
-    build_impactful,
-    build_pack,
-    build_probes,
-    build_selfinstruct,
-    build_synl,
-)
-from ..data.datasets import Written, set_console
+from ..data.builders import REGISTRY, run_builder
+from ..data.datasets import set_console
 from .common import console, floats, guarded, ints, names
 
 data_app = typer.Typer(no_args_is_help=True, help="Build training data: packed rows, CIP rows, SynL tables, "
                        "self-instruct QA, impactful-token rows, retrieval probes.")
+
+# the commands, in the order `ctxstretch data --help` lists them, with their one-line help
+COMMANDS = {
+    "pack": "Pack documents into rows of --length tokens that keep document boundaries.",
+    "cip": "LongSkywork chunk-interleaved pretraining rows from short documents.",
+    "synl": "LongSkywork synthetic lengthy-table SFT examples (answers computed from the table).",
+    "selfinstruct": "Llama 2 Long self-instruct long QA: document + generated question → answer.",
+    "impactful": "LongRecipe impactful-token rows: keep the sentences that carry impactful tokens.",
+    "probes": "Retrieval probes as training rows, from the evaluation's generators with training seeds.",
+}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How the command line spells one argument where its field does not say it all."""
+
+    flag: str | None = None  # the option's name (default: --field-name)
+    help: str | None = None  # the help text (default: the field's description)
+    text: Callable[[str], Any] | None = None  # a list given as comma-separated text, and its reader
+    default: Any = None  # the flag's own default (with `text`, in that text form)
+    choices: tuple[str, ...] = ()  # the only values allowed, checked before anything runs
+
+
+SOURCES = {"on_bad_record": Flag(choices=("fail", "skip"))}
+FLAGS: dict[str, dict[str, Flag]] = {
+    "pack": SOURCES,
+    "cip": {**SOURCES, "interleave": Flag(help="round-robin or random", default="round-robin")},
+    "synl": {"lengths": Flag(help="target lengths in tokens, e.g. 1k,4k", text=ints, default="1k,4k"),
+             "fmt": Flag(flag="--format", help="markdown, csv, json or mixed"),
+             "kinds": Flag(help="question kinds, cycled", text=names, default="lookup,extremum,count,two_hop")},
+    "selfinstruct": SOURCES,
+    "impactful": SOURCES,
+    "probes": {"kinds": Flag(help="passkey, needle and RULER tasks (niah_multikey, niah_multivalue, …)", text=names,
+                             default="passkey,needle,niah_multikey,niah_multivalue"),
+               "lengths": Flag(help="probe lengths in tokens, e.g. 256,1k", text=ints, default="1k,4k"),
+               "depths": Flag(help="needle depths for passkey/needle, fractions",
+                              text=partial(floats, flag="--depths"), default="0,0.25,0.5,0.75,1")},
+}
+P = inspect.Parameter
 
 
 def command_line(ctx: typer.Context) -> str:
@@ -52,138 +89,64 @@ def command_line(ctx: typer.Context) -> str:
     return shlex.join(parts)
 
 
-def _build(out: Path, build: Callable[..., Written], *args, **kwargs) -> None:
-    """Run one builder, its progress on the CLI's console, and print what it wrote."""
-    set_console(console)
-    w = build(*args, **kwargs)
-    console.print(f"[green]done[/]: {out} ({w.rows:,} rows, {w.real_tokens:,} tokens)", highlight=False)
+def field_order(kind: str) -> list[str]:
+    """The builder's fields as the command lists them: the model, the builder's own fields, the ones it shares with
+    other builders, the seed."""
+    args = REGISTRY[kind].args
+    own = [n for n in vars(args).get("__annotations__", {}) if n in args.model_fields]
+    shared = [n for n in args.model_fields if n not in own and n not in ("model", "seed")]
+    return ["model", *[n for n in own if n != "model"], *shared, "seed"]
 
 
-Srcs = Annotated[list[str], typer.Argument(help="text/JSONL/Parquet/Arrow files, folders, saved datasets, 'embedded'")]
-Model = Annotated[str, typer.Option(help="local HF model directory (its tokenizer), or 'embedded'")]
-Out = Annotated[Path, typer.Option(help="dataset folder to create")]
-Length = Annotated[int, typer.Option(help="tokens per row")]
-OnBadRecord = Annotated[str, typer.Option(help="fail: stop at the first bad record; skip: count it and go on")]
-TextField = Annotated[str, typer.Option(help="the field/column holding the text (JSONL, Parquet, Arrow, datasets)")]
-Seed = Annotated[int, typer.Option(help="random seed")]
-Force = Annotated[bool, typer.Option(help="overwrite an existing --out")]
-Cache = Annotated[bool, typer.Option(help="reuse/keep tokenised sources in $CTXSTRETCH_CACHE/tokens")]
-Device = Annotated[str, typer.Option(help="cpu or cuda (for the generator / scorer models)")]
+def parameters(kind: str) -> list[inspect.Parameter]:
+    """The command's parameters, from the builder's argument model: its positional fields as arguments, `--out`,
+    one option per other field, `--force`."""
+    spec, flags = REGISTRY[kind], FLAGS[kind]
+    fields = spec.args.model_fields
+    params = [P("ctx", P.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD, annotation=Annotated[fields[n].annotation,
+                                                                  typer.Argument(help=fields[n].description)])
+               for n in spec.positional]
+    params.append(P("out", P.POSITIONAL_OR_KEYWORD,
+                    annotation=Annotated[Path, typer.Option(help="dataset folder to create")]))
+    for name in field_order(kind):
+        if name in spec.positional:
+            continue
+        f, hint = fields[name], flags.get(name, Flag())
+        kind_of = str if hint.text else f.annotation
+        if hint.default is not None:
+            default = hint.default
+        else:
+            default = P.empty if f.is_required() else f.get_default(call_default_factory=True)
+        option = typer.Option(*([hint.flag] if hint.flag else []), help=hint.help or f.description)
+        params.append(P(name, P.POSITIONAL_OR_KEYWORD, annotation=Annotated[kind_of, option], default=default))
+    params.append(P("force", P.POSITIONAL_OR_KEYWORD,
+                    annotation=Annotated[bool, typer.Option(help="overwrite an existing --out")], default=False))
+    return params
 
 
-def _policy(value: str) -> str:
-    if value not in ("fail", "skip"):
-        raise ConfigError(f"--on-bad-record must be fail or skip, not {value!r}")
-    return value
+def build_command(kind: str) -> Callable[..., None]:
+    """The `ctxstretch data KIND` command: reads its flags into the builder's arguments and runs the builder."""
+    flags = FLAGS[kind]
+
+    def command(ctx: typer.Context, out: Path, force: bool, **given: Any) -> None:
+        args = {}
+        for name, value in given.items():
+            hint = flags.get(name, Flag())
+            flag = hint.flag or "--" + name.replace("_", "-")
+            if hint.choices and value not in hint.choices:
+                raise ConfigError(f"{flag} must be {' or '.join(hint.choices)}, not {value!r}")
+            args[name] = hint.text(value) if hint.text else value
+        set_console(console)
+        w = run_builder(kind, args, out, force=force, command=command_line(ctx))
+        console.print(f"[green]done[/]: {out} ({w.rows:,} rows, {w.real_tokens:,} tokens)", highlight=False)
+
+    command.__name__ = command.__qualname__ = f"{kind}_cmd"
+    command.__doc__ = COMMANDS[kind]
+    run = guarded(command)
+    run.__signature__ = inspect.Signature(parameters(kind), return_annotation=None)  # type: ignore[attr-defined]
+    return run
 
 
-@data_app.command("pack")
-@guarded
-def pack_cmd(
-    ctx: typer.Context, srcs: Srcs, out: Out, model: Model = "embedded", length: Length = 4096,
-    on_bad_record: OnBadRecord = "fail", text_field: TextField = "text",
-    long_threshold: Annotated[int, typer.Option(help="documents of at least this many tokens are upsampled")] = 0,
-    long_weight: Annotated[float, typer.Option(help="sampling weight of long documents (Llama 2 Long)")] = 1.0,
-    mix: Annotated[str | None, typer.Option(help="per-source token shares, e.g. embedded=1,notes=3")] = None,
-    split_short: Annotated[bool, typer.Option(help="fill every row (documents may cross row ends)")] = True,
-    cache: Cache = True, seed: Seed = 0, force: Force = False,
-) -> None:
-    """Pack documents into rows of --length tokens that keep document boundaries."""
-    _build(out, build_pack, srcs, out, model=model, length=length, seed=seed, on_bad_record=_policy(on_bad_record),
-           text_field=text_field, long_threshold=long_threshold, long_weight=long_weight, mix=mix,
-           split_short=split_short, cache=cache, force=force, command=command_line(ctx))
-
-
-@data_app.command("cip")
-@guarded
-def cip_cmd(
-    ctx: typer.Context, srcs: Srcs, out: Out, model: Model = "embedded", length: Length = 4096,
-    k: Annotated[int, typer.Option("--k", help="documents per group (0: as many as fill a row)")] = 0,
-    chunk_len: Annotated[int, typer.Option(help="tokens per chunk")] = 512,
-    interleave: Annotated[str, typer.Option(help="round-robin or random")] = "round-robin",
-    on_bad_record: OnBadRecord = "fail", text_field: TextField = "text", cache: Cache = True, seed: Seed = 0,
-    force: Force = False,
-) -> None:
-    """LongSkywork chunk-interleaved pretraining rows from short documents."""
-    _build(out, build_cip, srcs, out, model=model, length=length, k=k, chunk_len=chunk_len, interleave=interleave,
-           seed=seed, on_bad_record=_policy(on_bad_record), text_field=text_field, cache=cache, force=force,
-           command=command_line(ctx))
-
-
-@data_app.command("synl")
-@guarded
-def synl_cmd(
-    ctx: typer.Context, out: Out, model: Model = "embedded",
-    lengths: Annotated[str, typer.Option(help="target lengths in tokens, e.g. 1k,4k")] = "1k,4k",
-    count: Annotated[int, typer.Option(help="examples per length")] = 8,
-    fmt: Annotated[str, typer.Option("--format", help="markdown, csv or mixed")] = "mixed",
-    kinds: Annotated[str, typer.Option(help="question kinds, cycled")] = "lookup,extremum,count,two_hop",
-    seed: Seed = 0, force: Force = False,
-) -> None:
-    """LongSkywork synthetic lengthy-table SFT examples (answers computed from the table)."""
-    _build(out, build_synl, out, model=model, lengths=ints(lengths), count=count, seed=seed, fmt=fmt,
-           kinds=names(kinds), force=force, command=command_line(ctx))
-
-
-@data_app.command("selfinstruct")
-@guarded
-def selfinstruct_cmd(
-    ctx: typer.Context, srcs: Srcs, out: Out,
-    model: Annotated[str, typer.Option(help="the model to train: its tokenizer builds the rows")] = "embedded",
-    generator: Annotated[str, typer.Option(help="local HF model that writes the QA pairs, or 'embedded'")] = "embedded",
-    length: Annotated[int, typer.Option(help="tokens per row (the document is truncated to fit)")] = 1024,
-    count: Annotated[int, typer.Option(help="questions to ask")] = 16,
-    chunk_len: Annotated[int | None, typer.Option(help="chunk length in generator tokens (default: what fits)")] = None,
-    short_share: Annotated[float, typer.Option(help="share of 'a few words or a single phrase' prompts")] = 0.5,
-    self_check: Annotated[bool, typer.Option(help="drop pairs the generator itself rejects")] = True,
-    input_loss: Annotated[bool, typer.Option(help="LM loss on the document too (Llama 2 Long)")] = False,
-    batch_size: Annotated[int, typer.Option(help="prompts generated at once")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens per question and per answer, at most")] = 32,
-    temperature: Annotated[float, typer.Option(help="sampling temperature (0: greedy)")] = 0.7,
-    min_doc_tokens: Annotated[int, typer.Option(help="skip documents shorter than this")] = 64,
-    on_bad_record: OnBadRecord = "fail", text_field: TextField = "text", device: Device = "auto", seed: Seed = 0,
-    force: Force = False,
-) -> None:
-    """Llama 2 Long self-instruct long QA: document + generated question → answer."""
-    _build(out, build_selfinstruct, srcs, out, model=model, generator=generator, length=length, count=count,
-           chunk_len=chunk_len, short_share=short_share, self_check=self_check, input_loss=input_loss,
-           batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
-           min_doc_tokens=min_doc_tokens, seed=seed, on_bad_record=_policy(on_bad_record), text_field=text_field,
-           device=device, force=force, command=command_line(ctx))
-
-
-@data_app.command("impactful")
-@guarded
-def impactful_cmd(
-    ctx: typer.Context, srcs: Srcs, out: Out, model: Model = "embedded", length: Length = 4096,
-    scorer: Annotated[str | None, typer.Option(help="long model scoring tokens (none: digit heuristic)")] = None,
-    base: Annotated[str | None, typer.Option(help="base model to compare --scorer with")] = None,
-    short: Annotated[int | None, typer.Option(help="truncated context (tokens) when --scorer has no --base")] = None,
-    window: Annotated[int | None, typer.Option(help="full context (tokens) for scoring")] = None,
-    share: Annotated[float, typer.Option(help="share of tokens that are impactful")] = 0.2,
-    other_share: Annotated[float, typer.Option(help="heuristic: share of digit-free sentences kept")] = 0.5,
-    on_bad_record: OnBadRecord = "fail", text_field: TextField = "text", device: Device = "auto", seed: Seed = 0,
-    force: Force = False,
-) -> None:
-    """LongRecipe impactful-token rows: keep the sentences that carry impactful tokens."""
-    _build(out, build_impactful, srcs, out, model=model, length=length, scorer=scorer, base=base, short=short,
-           window=window, share=share, other_share=other_share, seed=seed, on_bad_record=_policy(on_bad_record),
-           text_field=text_field, device=device, force=force, command=command_line(ctx))
-
-
-@data_app.command("probes")
-@guarded
-def probes_cmd(
-    ctx: typer.Context, out: Out, model: Model = "embedded",
-    kinds: Annotated[str, typer.Option(help="passkey, needle and RULER tasks (niah_multikey, niah_multivalue, …)")
-                     ] = "passkey,needle,niah_multikey,niah_multivalue",
-    lengths: Annotated[str, typer.Option(help="probe lengths in tokens, e.g. 256,1k")] = "1k,4k",
-    depths: Annotated[str, typer.Option(help="needle depths for passkey/needle, fractions")] = "0,0.25,0.5,0.75,1",
-    count: Annotated[int, typer.Option(help="probes per (kind, length, depth)")] = 4,
-    haystack: Annotated[list[str] | None, typer.Option(help="haystack sources (default: embedded)")] = None,
-    text_field: TextField = "text", seed: Seed = 0, force: Force = False,
-) -> None:
-    """Retrieval probes as training rows, from the evaluation's generators with training seeds."""
-    _build(out, build_probes, out, model=model, kinds=names(kinds), lengths=ints(lengths),
-           depths=floats(depths, "--depths"), count=count, seed=seed, haystack=haystack, text_field=text_field,
-           force=force, command=command_line(ctx))
+for _kind in COMMANDS:
+    data_app.command(_kind)(build_command(_kind))

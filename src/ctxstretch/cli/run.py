@@ -57,10 +57,9 @@ def extend(
             log_with=names(log_with), trust_remote_code=trust_remote_code, allow_bin=allow_bin,
             **({"eval": {"backend": backend}} if backend != "transformers" else {}))
     if dry_run:
-        from ..extend import dry_run as describe
-        from ..extend import resolve_extend
+        from ..recipes.extend import dry_run, resolve_extend
 
-        for line in describe(*resolve_extend(cfg)):
+        for line in dry_run(*resolve_extend(cfg)):
             console.print(line, highlight=False, markup=line.startswith("settings"), soft_wrap=True)
         return
     ctxstretch.extend(config=cfg, out=out, resume=resume, force=force, console=console)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from .packing import Rows, iter_packed
-from .readers import DataError
+from .records import DataError
 
 DEFAULT_CHUNK_LEN = 512  # tokens per chunk (choice)
 DEFAULT_K = 0  # documents per group; 0: fill a row (choice)

@@ -22,7 +22,7 @@ import numpy as np
 from ..atomic import disk_full
 from ..config import check_out_dir
 from .packing import ROW_FIELDS, Rows
-from .readers import BadRecords, DataError
+from .records import BadRecords, DataError
 
 DATASET_NOTE = ("Load with `datasets.load_from_disk(DIR)`; build the attention mask with "
                 "`ctxstretch.masking.attention_mask_for(segment_ids)` (documents never attend to each other).")

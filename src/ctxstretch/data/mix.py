@@ -59,7 +59,7 @@ class DatasetRows:
         import datasets
 
         from .datasets import check_dataset_tokenizer
-        from .readers import DataError
+        from .records import DataError
 
         if tokenizer is not None:  # refuses rows built by another tokenizer, or longer than the stage's rows
             check_dataset_tokenizer(Path(path), tokenizer, length)
@@ -85,7 +85,7 @@ class DatasetRows:
         pos = np.asarray(row.get("position_ids", np.arange(len(ids))), np.int64)
         pad = self.length - len(ids)
         if pad < 0:
-            from .readers import DataError
+            from .records import DataError
 
             raise DataError(f"a dataset row of {len(ids):,} tokens exceeds the stage's rows of {self.length:,}; "
                             "raise the stage's train_length or rebuild the dataset shorter")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .packing import answer_row
-from .readers import DataError
+from .records import DataError
 from .tokens import pad_id_of
 
 KINDS = ("normal", "short")

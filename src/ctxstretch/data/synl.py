@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .packing import answer_row
-from .readers import DataError
+from .records import DataError
 
 KINDS = ("lookup", "extremum", "count", "two_hop")
 FORMATS = ("markdown", "csv")

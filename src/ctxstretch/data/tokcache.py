@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .packing import TokenizedCorpus, as_tokens
-from .readers import BadRecord, BadRecords
+from .records import BadRecord, BadRecords
 from .sources import CORPORA
+from .tokenized import TokenizedCorpus, as_tokens
 
 FORMAT = 1
 
@@ -203,10 +203,3 @@ class Writer:
 
     def __exit__(self, *exc) -> None:
         self.abort()  # after close() this only finds nothing left to remove
-
-
-def store(entry: Path, corpus: TokenizedCorpus, bad: BadRecords) -> None:
-    """Write an in-memory `corpus` as a cache entry (atomically: a temporary folder renamed into place)."""
-    with Writer(entry, bad) as w:
-        w.write(np.asarray(corpus.tokens), corpus.lengths, corpus.sources)
-        w.close(corpus.source_names)

@@ -1,6 +1,6 @@
 """The report's lead: held-out families with probe counts and intervals, and the external RULER suite beside them.
 
-In-format probes (passkey, needle: templates that training rows also use) follow in `report.py`, labelled so."""
+In-format probes (passkey, needle: templates that training rows also use) follow in `sections.py`, labelled so."""
 
 from __future__ import annotations
 
@@ -83,18 +83,24 @@ def in_format_note() -> str:
 
 
 def external_section(results: dict[str, EvalResult]) -> list[str]:
-    """lm-evaluation-harness RULER scores per task and length, one column per model."""
+    """lm-evaluation-harness RULER scores per task and length, one column per model, with the samples behind each
+    cell; or why they were not run."""
     scored = {k: r for k, r in results.items() if r.external}
+    notes = sorted({r.external_note for r in results.values() if r.external_note})
     if not scored:
-        return []
+        return ["## External suite: lm-evaluation-harness RULER", "", *[f"Not run: {n}" for n in notes], ""] \
+            if notes else []
     names = list(scored)
     keys = sorted({(t, n) for r in scored.values() for t, per in r.external.items() for n in per})
+    samples = {r.external_samples for r in scored.values()}
+    counted = (f"{samples.pop()} samples per task and length" if len(samples) == 1 and None not in samples
+               else "samples per cell: " + ", ".join(f"{k} {r.external_samples or 'all'}" for k, r in scored.items()))
     lines = ["## External suite: lm-evaluation-harness RULER", "",
-             "lm-evaluation-harness's own corpus-free RULER tasks, run offline against the saved model directory "
-             "(its score per task and length, 0–1).", "",
+             "lm-evaluation-harness's own corpus-free RULER tasks (its templates, generators and scoring, not ours), "
+             f"run offline against the saved model directory: string-match score per task and length, 0–1 ({counted}; "
+             "with a handful of samples a cell is a spot check, not a measurement).", "",
              "| task @ length | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for task, n in keys:
         cells = [r.external.get(task, {}).get(n) for r in scored.values()]
         lines.append(f"| {task} @ {n:,} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
-    return [*lines, ""]
-
+    return [*lines, "", *[f"Not run for some models: {n}" for n in notes], *([""] if notes else [])]

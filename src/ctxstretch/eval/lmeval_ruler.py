@@ -35,6 +35,7 @@ MIN_LENGTH = {"niah_single_1": 256, "niah_multikey_2": 256, "niah_multikey_3": 5
 LMEVAL = "lm-eval[hf,ruler]==0.4.13"
 REQUIREMENTS = ("torch==2.13.0", LMEVAL)  # CPU torch first, so lm-eval does not pull a CUDA one
 PYTHON_VAR = "CTXSTRETCH_LMEVAL_PYTHON"
+DEFAULT_LIMIT = 4  # samples per task and length when none is given: a spot check beside our own probes
 MARGIN = 256  # max_length above the longest length: the niah gen_prefix (~30 tokens) is not counted in the length
 _FETCH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "offline mode", "ConnectionError", "Couldn't reach",
           "Network is unreachable", "urlopen error", "LocalEntryNotFoundError")
@@ -74,6 +75,20 @@ def check_tasks(tasks: list[str], lengths: list[int]) -> None:
             raise ConfigError(f"lm-eval task {task} cannot build a {min(lengths):,}-token prompt (template, needles "
                               f"and answer); its lengths must be ≥ {MIN_LENGTH[task]:,} (≥ 256 for all, ≥ 512 for "
                               "niah_multikey_3, ≥ 1,024 for ruler_vt)")
+
+
+def prepare(tasks: list[str], lengths: list[int], optional: bool = False) -> str | None:
+    """Check `tasks` at `lengths` and make lm-eval's environment ready before any other work (a first build takes
+    about a minute). None when ready; when the package index cannot be reached to build it and `optional`, the
+    one-line reason instead (shown in the report); otherwise a one-line `ConfigError`."""
+    check_tasks(tasks, lengths)
+    try:
+        ensure_env()
+    except IndexUnreachable as e:
+        if not optional:
+            raise
+        return f"{e} (lm-eval's RULER tasks are optional in this run)"
+    return None
 
 
 def _check(model_dir: Path, tasks: list[str], lengths: list[int], limit: int | None, batch_size: int) -> None:

@@ -23,6 +23,7 @@ from ..data.sources import embedded_token_stream
 from ..rundir import EvalDir
 from .chat import chat_check
 from .heldout import heldout_scores
+from .lmeval_ruler import DEFAULT_LIMIT, run_ruler
 from .lmeval_ruler import TASKS as RULER_TASKS
 from .passkey import Grid, retrieval_grid
 from .perplexity import default_buckets, loss_by_bucket, token_losses
@@ -49,7 +50,12 @@ class EvalConfig(Strict):
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks: its "
                                      "corpus-free RULER tasks (run at `lengths` in lm-eval's own environment) or "
                                      "short-context ones (need the [lmeval] extra); empty: none")
-    lm_eval_limit: int | None = Field(None, ge=1, description="examples per lm-eval task (None: all)")
+    lm_eval_limit: int | None = Field(None, ge=1, description="examples per lm-eval task and length (None: "
+                                      f"{DEFAULT_LIMIT} for lm-eval's RULER tasks, all for the others)")
+    lm_eval_lengths: list[int] = Field(default_factory=list, description="lengths of lm-eval's RULER tasks; empty: "
+                                       "the evaluation lengths")
+    lm_eval_optional: bool = Field(False, description="when lm-eval's environment cannot be built (no package "
+                                   "index), note it in the report and go on instead of stopping")
     batch_size: int = Field(2, ge=1)
     chat: bool = Field(True, description="ask a few chat questions with known answers (models with a chat "
                        "template only)")
@@ -100,6 +106,8 @@ class EvalResult:
     external: dict[str, dict[int, float]] = field(default_factory=dict)  # lm-eval RULER task -> length -> score
     chat: dict | None = None  # eval.chat.chat_check's answers (None: no chat template, or not asked)
     parity: dict | None = None  # rope parity transformers vs vLLM: {"dtype", "verdict", "buckets": [...]}
+    external_samples: int | None = None  # lm-eval samples per (task, length); None: all of them
+    external_note: str | None = None  # why lm-eval's RULER tasks did not run, when they were optional
 
     def summary(self) -> dict:
         s = {"passkey": self.passkey.by_length(), "loss_by_position": self.buckets}
@@ -129,6 +137,7 @@ class EvalResult:
                 "short_context": self.short, "lm_eval": self.lm_eval,
                 "heldout": {f: {str(n): t for n, t in per.items()} for f, per in self.heldout.items()},
                 "external_ruler": {t: {str(n): v for n, v in per.items()} for t, per in self.external.items()},
+                "external_samples": self.external_samples, "external_note": self.external_note,
                 "chat": self.chat, "parity": self.parity}
         EvalDir(directory).json.write_text(json.dumps(data, indent=1))
         if self.losses is not None:
@@ -148,7 +157,7 @@ class EvalResult:
         external = {t: {int(n): v for n, v in per.items()} for t, per in data.get("external_ruler", {}).items()}
         return cls(grid(data["passkey"]), grid(data["needle"]), losses, data["loss_by_position"],
                    data.get("window", 0), ruler, data.get("short_context"), data.get("lm_eval"), heldout, external,
-                   data.get("chat"), data.get("parity"))
+                   data.get("chat"), data.get("parity"), data.get("external_samples"), data.get("external_note"))
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, cache_dir: Path | None = None,
@@ -184,3 +193,16 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
     lm = run_lm_eval(model, tokenizer, in_process, cfg.lm_eval_limit) if in_process else None
     chat = chat_check(model, tokenizer) if cfg.chat else None
     return EvalResult(passkey, needle, losses, buckets, base_window, ruler, short, lm, held, chat=chat)
+
+
+def add_external(result: EvalResult, model_dir: Path, cfg: EvalConfig, lengths: list[int], out_dir: Path,
+                 note: str | None = None) -> None:
+    """lm-eval's RULER scores of the model saved at `model_dir` into `result` (its tasks among
+    `cfg.lm_eval_tasks`, at `lengths`), or `note`: why they could not run."""
+    tasks = [t for t in cfg.lm_eval_tasks if t in RULER_TASKS]
+    if note is not None:
+        result.external_note = note
+    elif tasks:
+        limit = cfg.lm_eval_limit or DEFAULT_LIMIT
+        result.external = run_ruler(model_dir, tasks, lengths, limit, out_dir)
+        result.external_samples = limit

@@ -1,5 +1,5 @@
 """A recipe as data: a model, a rope re-parameterisation and a list of stages — train (the default), build data
-(`build:`) or merge (`merge:`) — run in order (`pipeline.run_pipeline`). YAML in, one-line errors out."""
+(`build:`) or merge (`merge:`) — run in order (`pipeline.Run`). YAML in, one-line errors out."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Run a pipeline (`config.PipelineConfig`): evaluate the base model, re-parameterise RoPE, run the stages in order
-(`stages.py`), evaluate the final model, write `report.md` and `metrics.jsonl` (layout: `ctxstretch.rundir`).
+"""Run a pipeline (`config.PipelineConfig`) with `Run(cfg, out).execute()`: evaluate the base model,
+re-parameterise RoPE, run the stages in order (`stages.py`), evaluate the final model, write `report.md` and
+`metrics.jsonl` (layout: `ctxstretch.rundir`).
 
 Every stage writes a plain Hugging Face model directory to `RUN/stages/NAME/model`; a finished stage is not redone
 and a killed one resumes at its last checkpoint (`--resume`). The base model is evaluated before the first stage,
@@ -23,11 +24,11 @@ from ..config import ConfigError, check_writable
 from ..eval import lmeval_ruler
 from ..eval.backend import check_backend
 from ..eval.report import write_report
-from ..eval.suite import EvalResult, doublings, evaluate
+from ..eval.suite import EvalResult, add_external, doublings, evaluate
 from ..eval.vllm_eval import evaluate_dir
 from ..eval.vllm_parity import parity_record
 from ..hardware import precision_for
-from ..models import load, load_config, resolve, save
+from ..models import eval_dtype, in_dtype, load, load_config, resolve, save
 from ..rope import apply_rope, original_window
 from ..rundir import EvalDir, RunDir
 from ..train.parallel import distributed_state, resolve_device
@@ -35,7 +36,7 @@ from .config import PipelineConfig, StageConfig, load_pipeline, load_yaml
 from .stages import RunContext, barrier, stage_of
 
 # the configuration types are importable from here too (`config.py` defines them)
-__all__ = ["Evaluator", "PipelineConfig", "StageConfig", "load_pipeline", "load_yaml", "prepare_out", "run_pipeline",
+__all__ = ["Evaluator", "PipelineConfig", "Run", "StageConfig", "load_pipeline", "load_yaml", "prepare_out",
            "write_metrics"]
 
 
@@ -68,10 +69,13 @@ class Evaluator:
         self.cfg, self.tokenizer, self.window, self.device, self.cache, self.console = (cfg, tokenizer, window,
                                                                                        device, cache, console)
         self.precision = precision_for(device) if cfg.eval.precision == "auto" else cfg.eval.precision
-        self.ruler = [t for t in cfg.eval.lm_eval_tasks if t in lmeval_ruler.TASKS]  # lm-eval's, in its own venv
         self.lengths = cfg.eval.lengths or doublings(window, cfg.target)
-        if self.ruler:
-            lmeval_ruler.check_tasks(self.ruler, self.lengths)
+        self.ruler_lengths = cfg.eval.lm_eval_lengths or self.lengths
+        ruler = [t for t in cfg.eval.lm_eval_tasks if t in lmeval_ruler.TASKS]  # lm-eval's, in its own venv
+        self.ruler_note = lmeval_ruler.prepare(ruler, self.ruler_lengths, cfg.eval.lm_eval_optional) if ruler \
+            else None
+        if self.ruler_note:
+            console.print(f"[yellow]lm-eval RULER not run:[/] {self.ruler_note}", highlight=False)
 
     def __call__(self, directory: Path, model: Callable[[], torch.nn.Module], model_dir: Path) -> EvalResult:
         """The evaluation of `model()` (saved at `model_dir`) in `directory`, run there unless it is already."""
@@ -82,14 +86,13 @@ class Evaluator:
             with Progress(console=self.console) as progress:
                 result = evaluate_dir(model_dir, self.cfg.eval, self.window, self.cfg.target,
                                       log_path=d.root / "vllm.log", progress=progress)
-        else:  # weights stay fp32 under bf16 autocast
+        else:  # bf16 evaluation holds bf16 weights (`eval_dtype`); a model still in training is evaluated as a copy
             fast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
             with torch.no_grad(), fast, Progress(console=self.console) as progress:
-                result = evaluate(model(), self.tokenizer, self.cfg.eval, self.window, self.cfg.target, self.cache,
+                result = evaluate(in_dtype(model(), eval_dtype(self.precision)), self.tokenizer, self.cfg.eval,
+                                  self.window, self.cfg.target, self.cache,
                                   progress, partial=d.partial)
-        if self.ruler:
-            result.external = lmeval_ruler.run_ruler(model_dir, self.ruler, self.lengths,
-                                                     self.cfg.eval.lm_eval_limit or 4, d.lm_eval)
+        add_external(result, model_dir, self.cfg.eval, self.ruler_lengths, d.lm_eval, self.ruler_note)
         result.save(d.root)
         d.partial.unlink(missing_ok=True)
         return result
@@ -104,78 +107,95 @@ class Evaluator:
         result.save(directory)
 
 
-Checks = Callable[[dict[str, EvalResult], int, int], list[tuple[str, bool, str]]]
+Claims = Callable[[dict[str, EvalResult], int, int], list[tuple[str, bool, str]]]
 
 
-def run_pipeline(cfg: PipelineConfig, out: Path, *, resume: bool = False, force: bool = False,
-                 console: Console | None = None, saved_config: dict | None = None, base_eval: Path | None = None,
-                 checks: Checks | None = None, title: str | None = None) -> Path:
-    """Run every stage of `cfg` into `out`; returns the path of `report.md`.
+class Run:
+    """One run of a pipeline into its run directory (`ctxstretch.rundir.RunDir`): `Run(cfg, out).execute()`.
+
+    The run owns what its stages share: the run directory, the model's tokenizer, the run-wide device and seed
+    (passed into every stage by `PipelineConfig.resolved`) and, through `RunContext`, the process's one Accelerator.
+    It evaluates the base model, re-parameterises RoPE, runs the stages in order, evaluates the final model and
+    writes `report.md` and `metrics.jsonl`.
 
     saved_config: what `config.yaml` records (default: the resolved pipeline). base_eval: a directory holding (or to
-    hold) the base model's evaluation, shared between runs (`compare`). checks(results, window, target): claims
-    shown as the report's Targets table. Under `accelerate launch` every process trains its share of each batch;
-    only the main one evaluates and writes, and every process continues from each stage's saved model (a sharded
-    engine leaves no whole model in any process)."""
-    from ..data.datasets import load_tokenizer
+    hold) the base model's evaluation, shared between runs (`compare`). claims(results, window, target): the
+    recipe's claims, shown as the report's Targets table. Under `accelerate launch` every process trains its share
+    of each batch; only the main one evaluates and writes, and every process continues from each stage's saved model
+    (a sharded engine leaves no whole model in any process)."""
 
-    console = console or Console()
-    t0 = time.time()
-    run = RunDir(out)
-    device = resolve_device(cfg.device)
-    state = distributed_state(device)
-    main = state.is_main_process
-    path = resolve(cfg.model)
-    window = original_window(load_config(path, cfg.trust_remote_code, cfg.allow_bin))
-    cfg = cfg.resolved(window)
-    check_backend(cfg.eval.backend)  # a missing vLLM environment fails before anything is written
-    if main:
-        prepare_out(run.root, saved_config or cfg.model_dump(mode="json"), resume, force)
-    barrier(device)
-    console.print(f"[bold]{cfg.name}[/] {path}: window {window:,} → {cfg.target:,}, rope {cfg.rope.method}, "
-                  f"stages: {', '.join(f'{s.name} ({s.kind})' for s in cfg.stages)}")
-    tokenizer = load_tokenizer(str(path))
-    evaluated = Evaluator(cfg, tokenizer, window, device, run.cache, console)
-    loaded = dict(trust_remote_code=cfg.trust_remote_code, allow_bin=cfg.allow_bin)
-    results: dict[str, EvalResult] = {}
-    if main:
-        results["base"] = evaluated(base_eval or run.base.root, lambda: load(path, device, **loaded)[0], path)
-    barrier(device)
+    def __init__(self, cfg: PipelineConfig, out: Path, *, resume: bool = False, force: bool = False,
+                 console: Console | None = None, saved_config: dict | None = None, base_eval: Path | None = None,
+                 claims: Claims | None = None, title: str | None = None):
+        self.dir = RunDir(Path(out))
+        self.resume, self.force = resume, force
+        self.console = console or Console()
+        self.path = resolve(cfg.model)
+        self.window = original_window(load_config(self.path, cfg.trust_remote_code, cfg.allow_bin))
+        self.cfg = cfg.resolved(self.window)
+        self.device = resolve_device(self.cfg.device)
+        self.saved_config = saved_config or self.cfg.model_dump(mode="json")
+        self.base_eval, self.claims = base_eval, claims
+        self.title = title or f"ctxstretch {self.cfg.name}"
 
-    rope_config = load_config(path, **loaded)
-    rope = apply_rope(rope_config, cfg.rope.method, cfg.target, cfg.rope.theta)
-    console.print(f"rope: {json.dumps(rope)}")
-    ctx = RunContext(cfg, run, path, rope_config, tokenizer, device, resume, console, main=main,
-                     several=state.num_processes > 1)
-    summaries = []
-    for stage in map(stage_of, cfg.stages):
-        sd = run.stage(stage.name)
-        if not sd.done.exists():
-            stage.run(ctx, sd)
-        elif stage.changes_model:
-            ctx.use(sd.model)
-        summaries.append(sd.summary())
-        if stage.config.evaluate and main:
-            results[stage.name] = evaluated(sd.eval.root, ctx.model, ctx.current)
-    if not main:
-        return run.report
-    save(ctx.model(), tokenizer, run.model)
-    results["extended"] = evaluated(run.extended.root, ctx.model, run.model)
-    evaluated.parity(run.extended.root, results["extended"], run.model)
-    minutes = (time.time() - t0) / 60
-    write_metrics(run, cfg, summaries, results, minutes)
-    header = [f"- model: `{cfg.model}` (window {window:,}) → target {cfg.target:,}",
-              f"- rope: `{json.dumps(rope)}`",
-              *[f"- stage `{s['stage']}` ({s['kind']}): {s['what']}" for s in summaries],
-              f"- wall time: {minutes:.1f} min on {device}",
-              "- re-run: `ctxstretch train config.yaml --out DIR`"]
-    report = write_report(run.root, title or f"ctxstretch {cfg.name}", header, results, window,
-                          checks=checks(results, window, cfg.target) if checks else None)
-    for stage in cfg.stages:
-        shutil.rmtree(run.stage(stage.name).checkpoints, ignore_errors=True)
-    shutil.rmtree(run.cache, ignore_errors=True)
-    console.print(f"[green]done[/] in {minutes:.1f} min: {report}")
-    return report
+    def execute(self) -> Path:
+        """Run every stage into the run directory; returns the path of `report.md`."""
+        from ..data.datasets import load_tokenizer
+
+        cfg, run, console, device, path, window = (self.cfg, self.dir, self.console, self.device, self.path,
+                                                   self.window)
+        t0 = time.time()
+        state = distributed_state(device)
+        main = state.is_main_process
+        check_backend(cfg.eval.backend)  # a missing vLLM environment fails before anything is written
+        if main:
+            prepare_out(run.root, self.saved_config, self.resume, self.force)
+        barrier(device)
+        console.print(f"[bold]{cfg.name}[/] {path}: window {window:,} → {cfg.target:,}, rope {cfg.rope.method}, "
+                      f"stages: {', '.join(f'{s.name} ({s.kind})' for s in cfg.stages)}")
+        tokenizer = load_tokenizer(str(path))
+        evaluated = Evaluator(cfg, tokenizer, window, device, run.cache, console)
+        loaded = dict(trust_remote_code=cfg.trust_remote_code, allow_bin=cfg.allow_bin)
+        results: dict[str, EvalResult] = {}
+        if main:
+            results["base"] = evaluated(self.base_eval or run.base.root, lambda: load(
+                path, device, dtype=eval_dtype(evaluated.precision), **loaded)[0], path)
+        barrier(device)
+
+        rope_config = load_config(path, **loaded)
+        rope = apply_rope(rope_config, cfg.rope.method, cfg.target, cfg.rope.theta)
+        console.print(f"rope: {json.dumps(rope)}")
+        ctx = RunContext(cfg, run, path, rope_config, tokenizer, device, self.resume, console, main=main,
+                         several=state.num_processes > 1)
+        summaries = []
+        for stage in map(stage_of, cfg.stages):
+            sd = run.stage(stage.name)
+            if not sd.done.exists():
+                stage.run(ctx, sd)
+            elif stage.changes_model:
+                ctx.use(sd.model)
+            summaries.append(sd.summary())
+            if stage.config.evaluate and main:
+                results[stage.name] = evaluated(sd.eval.root, ctx.model, ctx.current)
+        if not main:
+            return run.report
+        save(ctx.model(), tokenizer, run.model)
+        results["extended"] = evaluated(run.extended.root, ctx.model, run.model)
+        evaluated.parity(run.extended.root, results["extended"], run.model)
+        minutes = (time.time() - t0) / 60
+        write_metrics(run, cfg, summaries, results, minutes)
+        header = [f"- model: `{cfg.model}` (window {window:,}) → target {cfg.target:,}",
+                  f"- rope: `{json.dumps(rope)}`",
+                  *[f"- stage `{s['stage']}` ({s['kind']}): {s['what']}" for s in summaries],
+                  f"- wall time: {minutes:.1f} min on {device}",
+                  "- re-run: `ctxstretch train config.yaml --out DIR`"]
+        report = write_report(run.root, self.title, header, results, window,
+                              checks=self.claims(results, window, cfg.target) if self.claims else None)
+        for stage in cfg.stages:
+            shutil.rmtree(run.stage(stage.name).checkpoints, ignore_errors=True)
+        shutil.rmtree(run.cache, ignore_errors=True)
+        console.print(f"[green]done[/] in {minutes:.1f} min: {report}")
+        return report
 
 
 def write_metrics(run: RunDir, cfg: PipelineConfig, summaries: list[dict], results: dict[str, EvalResult],

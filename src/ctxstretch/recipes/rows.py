@@ -10,7 +10,7 @@ import numpy as np
 
 from ..data.builders import read_corpus
 from ..data.mix import DatasetRows, RowMixer
-from ..data.readers import BadRecords
+from ..data.records import BadRecords
 from ..data.tokens import pad_id_of
 
 if TYPE_CHECKING:

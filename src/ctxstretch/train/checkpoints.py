@@ -3,7 +3,6 @@ DeepSpeed ZeRO), gathered into a plain model at the end."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from ..atomic import writing
 from ..config import TrainConfig
+from ..models import with_parameters
 from ..rundir import StageDir
 from .parallel import sharded
 
@@ -34,8 +34,7 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def weightless_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` whose parameters live on the meta device (no memory; tied ones stay tied); buffers,
     such as rotary frequencies, are copied. Taken before sharding, it receives the gathered weights (`unsharded`)."""
-    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
-    return copy.deepcopy(model, memo)
+    return with_parameters(model, lambda p: torch.empty_like(p, device="meta"))
 
 
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:

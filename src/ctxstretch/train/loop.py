@@ -1,13 +1,15 @@
 """One training stage on `accelerate`: AdamW, warm-up + cosine, gradient accumulation, bf16 autocast,
-optional gradient checkpointing, rows carrying `position_ids`, atomic checkpoints and exact resume.
+optional gradient checkpointing and activation offload, bf16 weights with fp32 master weights under DeepSpeed
+(`param_dtype`), rows carrying `position_ids`, atomic checkpoints and exact resume.
 
 Rows come from `batch_fn(index)`, a pure function of the micro-batch index returning tensors
 `input_ids`, `labels`, `position_ids`, `segment_ids`, all (B, T). Because the data order is a function of the step,
 a resumed run sees exactly the rows an uninterrupted one would.
 
 Distributed (`accelerate launch` with the configs in `train/accelerate/`): every process builds the same global
-batch and trains on its block of rows (and, with context parallelism, its slice of each row); the loss is written
-as per-token weights over the global batch, so N processes take the same optimizer steps as one (`parallel`).
+batch and trains on its block of rows (and, with context or DeepSpeed sequence parallelism, its slice of each
+row); the loss is written as per-token weights over the global batch, so N processes take the same optimizer steps
+as one (`parallel`, `step`).
 Only the main process writes metrics and replicated checkpoints; sharded engines (FSDP, ZeRO-3) add per-rank
 shards, and end a stage with every rank gathering the full weights for the main process (`checkpoints`). The
 process group waits `collective_timeout()` in a collective, so ranks can idle at a barrier while the main one
@@ -18,7 +20,6 @@ evaluates or saves. Logged steps also carry the loss by position bucket and go t
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import time
@@ -28,12 +29,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, release_memory
+from accelerate.utils import (
+    DistributedType,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    parse_flag_from_env,
+    release_memory,
+)
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..config import ConfigError, TrainConfig, UserError
+from ..config import ConfigError, TrainConfig
 from ..hardware import precision_for
-from ..masking import attention_inputs, use_document_attention
+from ..masking import use_document_attention
 from ..rundir import StageDir
 from .checkpoints import (
     latest_checkpoint,
@@ -43,21 +50,19 @@ from .checkpoints import (
     unsharded,
     weightless_copy,
 )
-from .loss import chunked_weighted_loss, final_hidden, supports_chunked_head, weighted_loss
 from .parallel import (
     Batch,
-    Layout,
-    check_flash_rows,
     check_supported,
-    check_varlen_positions,
     collective_timeout,
     deepspeed_fill,
     layout_of,
     local_batch,
     resolve_device,
     sharded,
+    sp_attention,
     zero3,
 )
+from .step import activation_offload, check_param_dtype, micro_step, prepare_extras
 from .tracking import PositionLoss, start_trackers
 
 BatchFn = Callable[[int], Batch]
@@ -94,73 +99,6 @@ def mixed_precision(cfg: TrainConfig, device: str) -> str:
     return "bf16"
 
 
-def prepare_extras(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Optional one-GPU extras, each refusing clearly when its package is missing."""
-    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError("attn_implementation flash_attention_2 needs the flash-attn package (CUDA only): "
-                          "pip install flash-attn --no-build-isolation; or use sdpa")
-    if cfg.attn_implementation and cfg.attn_implementation != getattr(model.config, "_attn_implementation", None):
-        model.set_attn_implementation(cfg.attn_implementation)
-    if cfg.fused_loss == "liger":
-        if importlib.util.find_spec("liger_kernel") is None:
-            raise ConfigError("fused_loss liger needs liger-kernel (CUDA/Triton): pip install liger-kernel; "
-                              "or set fused_loss: none")
-        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(model=model, rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
-                                        fused_linear_cross_entropy=True)
-    if cfg.torch_compile:
-        model.compile()  # in place: parameter names (and checkpoints) stay the same
-
-
-def micro_step(accelerator: Accelerator, model, base, b: Batch, cfg: TrainConfig, lay: Layout,
-               by_position: PositionLoss | None = None) -> float:
-    """Forward and backward of this process's share of one micro-batch; returns its (unscaled) share of the loss.
-    by_position, when given, receives each scored token's loss (not under liger, which returns only the mean)."""
-    scale = lay.world  # gradients are averaged over `world` processes; the loss shares are sums
-    if lay.cp > 1:
-        if not bool((b["segment_ids"] == b["segment_ids"][:, :1]).all()):
-            raise UserError("context parallelism supports one document per row (plain causal attention); pack "
-                            "rows without cross-document masks, or train without cp_size")
-        keys = ("input_ids", "position_ids", "shift_labels", "weights")
-        bufs = [b[k] for k in keys]
-        with accelerator.maybe_context_parallel(buffers=bufs, buffer_seq_dims=[1] * 4, no_restore_buffers=set(bufs)):
-            ids, pos, shifted, weights = bufs
-            with accelerator.autocast():
-                # an all-ones 2-D mask keeps transformers from reading PoSE gaps in the shards as document starts
-                logits = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids),
-                               use_cache=False).logits
-            tokens = torch.zeros_like(weights) if by_position is not None else None
-            loss = weighted_loss(logits, shifted, weights, out_tokens=tokens)
-            accelerator.backward(loss * scale)
-        if tokens is not None:
-            by_position.add(tokens, pos, weights != 0)
-        return loss.item()
-    if cfg.attn_implementation == "flash_attention_2":
-        check_flash_rows(b, lay)
-        check_varlen_positions(b["segment_ids"], b["position_ids"])
-        attn: dict = {"attention_mask": None}
-    else:  # plain causal, per-document spans or (eager, odd segment ids) a dense mask; see ctxstretch.masking
-        attn = attention_inputs(base, b["segment_ids"], b["labels"])
-    inputs = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], **attn}
-    tokens = torch.zeros_like(b["weights"]) if by_position is not None and cfg.fused_loss != "liger" else None
-    with accelerator.autocast():
-        if cfg.fused_loss == "liger":  # token mean of the local rows; exact when each process holds one row
-            out = model(**inputs, labels=b["labels"], use_cache=False)
-            loss = out.loss * b["weights"].sum()
-        elif supports_chunked_head(base):  # the LM head + loss in chunks: no (B, T, V) logits
-            hidden = final_hidden(model, **inputs)
-            loss = chunked_weighted_loss(base.get_output_embeddings(), hidden, b["shift_labels"], b["weights"],
-                                         out_tokens=tokens)
-        else:
-            logits = model(**inputs, use_cache=False).logits
-            loss = weighted_loss(logits, b["shift_labels"], b["weights"], out_tokens=tokens)
-    accelerator.backward(loss * scale)
-    if tokens is not None:
-        by_position.add(tokens, b["position_ids"], b["weights"] != 0)
-    return loss.item()
-
-
 def run_accelerator(cfg: TrainConfig, device: str, logs: Path) -> Accelerator:
     """A run's one Accelerator: its precision, trackers (writing under `logs`) and collective timeout, shared by all
     its training stages (each sets its own gradient accumulation; `check_run_settings` refuses stages that differ
@@ -169,7 +107,9 @@ def run_accelerator(cfg: TrainConfig, device: str, logs: Path) -> Accelerator:
     accelerate keeps one process-wide state whose precision is fixed by the first Accelerator; a new run in the same
     process (the Python API, tests) starts from a fresh one (the process group itself is kept)."""
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
-    return Accelerator(mixed_precision=mixed_precision(cfg, device), cpu=device == "cpu",
+    # `cpu=True` would switch a DeepSpeed launch off; DeepSpeed picks its device (and gloo on CPU) itself
+    cpu = device == "cpu" and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    return Accelerator(mixed_precision=mixed_precision(cfg, device), cpu=cpu,
                        gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.log_with or None, project_dir=logs,
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
 
@@ -229,7 +169,9 @@ def train_stage(
     accelerator.wait_for_everyone()
     lay = layout_of(accelerator)
     check_supported(cfg, lay, cfg.attn_implementation or getattr(model.config, "_attn_implementation", None),
-                    zero3(accelerator), hasattr(model, "peft_config"))
+                    zero3(accelerator), hasattr(model, "peft_config"), sp_attention(accelerator))
+    check_param_dtype(cfg, accelerator)  # DeepSpeed's bf16 mode then holds bf16 weights, fp32 master + AdamW state
+    activation_offload(cfg, device)  # refused on a CPU before anything is prepared
     model.config.use_cache = False
     skeleton = weightless_copy(model) if sharded(accelerator) and main else None  # before any training-only change
     fsdp_ckpt = (accelerator.distributed_type == DistributedType.FSDP  # accelerate checkpoints the layers itself
@@ -248,8 +190,9 @@ def train_stage(
             truncate_metrics(metrics_path, start)
     if stopped:  # the stage had already met its stopping rule
         return None if sharded(accelerator) and not main else model.eval()
-    # packed rows without T × T masks (not under torch.compile: per-row document spans would recompile every step)
-    restore_attn = use_document_attention(model) if lay.cp == 1 and not cfg.torch_compile else None
+    # packed rows without T × T masks (not under torch.compile: per-row document spans would recompile every step;
+    # not under sequence parallelism, whose Ulysses wrapper intercepts the attention the model was prepared with)
+    restore_attn = use_document_attention(model) if lay.cp == lay.sp == 1 and not cfg.torch_compile else None
     deepspeed_fill(accelerator, cfg, max(1, cfg.batch_size // lay.dp))
     base = model
     model, optimizer = accelerator.prepare(model, optimizer)

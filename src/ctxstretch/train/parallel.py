@@ -1,6 +1,6 @@
 """Where a training stage runs and how one global batch is spread over processes: the device, accelerate's process
-state and its collective timeout, the data/context-parallel layout, each process's rows, and the checks that refuse
-what a layout cannot train correctly."""
+state and its collective timeout, the data/context/sequence-parallel layout, each process's rows (and slice of
+them), and the checks that refuse what a layout cannot train correctly."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ Batch = dict[str, torch.Tensor]
 ACCELERATE_DIR = Path(__file__).parent / "accelerate"
 TIMEOUT_ENV = "CTXSTRETCH_DIST_TIMEOUT_MIN"
 TIMEOUT_MIN = 360.0
+SP_ATTENTION = ("sdpa", "flash_attention_2")  # what Ulysses wraps and `check_sequence_rows` checks
 
 
 def accelerate_config(name: str) -> Path:
@@ -77,6 +78,15 @@ def zero3(accelerator: Accelerator) -> bool:
     return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
 
 
+def sp_attention(accelerator: Accelerator) -> str | None:
+    """The attention implementation DeepSpeed's Ulysses wrapper intercepts (`sp_attn_implementation`), or None
+    without sequence parallelism."""
+    pc = accelerator.parallelism_config
+    if pc is None or not pc.sp_enabled or pc.sp_handler is None:
+        return None
+    return pc.sp_handler.sp_attn_implementation
+
+
 def deepspeed_fill(accelerator: Accelerator, cfg: TrainConfig, rows_per_process: int) -> None:
     """DeepSpeed's `auto` entries are normally filled from a prepared DataLoader; we have none."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -92,27 +102,47 @@ class Layout:
     """How one global batch (B, T) is spread over the processes.
 
     Rows are split over the `dp` data-parallel ranks (this process takes block `dp_rank`); with context
-    parallelism each row is further split along T over `cp` ranks by accelerate. Gradients are averaged over all
-    `world` processes (DDP, FSDP over dp_shard×cp, ZeRO)."""
+    parallelism each row is further split along T over `cp` ranks by accelerate; with DeepSpeed sequence
+    parallelism (Ulysses) each row is split along T over the `sp` ranks of a group, this process taking slice
+    `sp_rank` (`sequence_part`). Gradients are averaged over all `world` processes (DDP, FSDP over dp_shard×cp,
+    ZeRO — with sequence parallelism too, as the 2-process DeepSpeed test checks), so each process scales its loss
+    share, a sum, by `world`."""
 
     dp_rank: int = 0
     dp: int = 1
     cp: int = 1
     world: int = 1
+    sp: int = 1
+    sp_rank: int = 0
 
 
 def layout_of(accelerator: Accelerator) -> Layout:
     pc = accelerator.parallelism_config
     if pc is None:
         return Layout(accelerator.process_index, accelerator.num_processes, 1, accelerator.num_processes)
-    if pc.tp_enabled or pc.sp_enabled:
-        raise ConfigError("train_stage supports data parallelism (DDP/FSDP/ZeRO) and context parallelism (cp_size); "
-                          "tensor and DeepSpeed sequence parallelism (tp_size/sp_size) are not wired in")
+    if pc.tp_enabled:
+        raise ConfigError("train_stage supports data, context (cp_size) and DeepSpeed sequence (sp_size) "
+                          "parallelism; tensor parallelism (tp_size) is not wired in")
+    if pc.sp_enabled:
+        return sequence_layout(accelerator, pc.sp_size)
     rank, size = 0, 1
     if pc.dp_dim_names:
         dp_mesh = accelerator.torch_device_mesh["dp"]
         rank, size = dp_mesh.get_local_rank(), dp_mesh.size()
     return Layout(rank, size, pc.cp_size if pc.cp_enabled else 1, accelerator.num_processes)
+
+
+def sequence_layout(accelerator: Accelerator, sp: int) -> Layout:
+    """DeepSpeed Ulysses groups: consecutive ranks [i·sp, (i+1)·sp) share rows (DeepSpeed's
+    `initialize_sequence_parallel`), so this process is slice `rank % sp` of data-parallel block `rank // sp`."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ConfigError(f"sp_size {sp} (Ulysses sequence parallelism) runs on DeepSpeed only: launch with the "
+                          "deepspeed_sp config (sp_backend: deepspeed), or use cp_size under FSDP2")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world % sp:
+        raise ConfigError(f"sp_size {sp} does not divide the {world} processes; pick num_processes as a multiple "
+                          "of sp_size")
+    return Layout(rank // sp, world // sp, 1, world, sp, rank % sp)
 
 
 def pad_columns(batch: Batch, multiple: int) -> Batch:
@@ -138,7 +168,9 @@ def local_batch(batch: Batch, lay: Layout, device) -> Batch:
     """This process's rows of a global batch, with `shift_labels` and loss `weights` (see `token_weights`).
 
     With context parallelism the rows are padded to a multiple of 2·cp tokens (`pad_columns`): torch splits each
-    row into 2·cp chunks to balance the causal work, and shards unevenly otherwise."""
+    row into 2·cp chunks to balance the causal work, and shards unevenly otherwise. With sequence parallelism
+    they are padded to a multiple of sp and stay whole (checked whole by `check_sequence_rows`; `sequence_part`
+    then takes this process's slice)."""
     rows = batch["input_ids"].shape[0]
     if rows % lay.dp:
         raise ConfigError(f"batch_size {rows} is not divisible by the {lay.dp} data-parallel processes; the global "
@@ -148,7 +180,29 @@ def local_batch(batch: Batch, lay: Layout, device) -> Batch:
     part = slice(lay.dp_rank * per, (lay.dp_rank + 1) * per)
     out = {k: v[part].to(device) for k, v in batch.items()}
     out["shift_labels"], out["weights"] = shifted[part].to(device), weights[part].to(device)
-    return pad_columns(out, 2 * lay.cp) if lay.cp > 1 else out
+    return pad_columns(out, 2 * lay.cp if lay.cp > 1 else lay.sp)
+
+
+def sequence_part(rows: Batch, lay: Layout) -> Batch:
+    """Slice `lay.sp_rank` of `sp` equal contiguous slices along T of every (B, T) tensor — the split DeepSpeed's
+    `UlyssesSPDataLoaderAdapter` makes, labels shifted before it (here `shift_labels` and the loss `weights`, both
+    computed over the whole global batch). Every process already holds the global batch, so nothing is gathered.
+    Rows must be a multiple of sp long (`local_batch` pads them)."""
+    t = rows["input_ids"].shape[1]
+    if t % lay.sp:
+        raise ValueError(f"row length {t} is not a multiple of sp_size {lay.sp}; pad it with pad_columns")
+    chunk = t // lay.sp
+    return {k: v[:, lay.sp_rank * chunk:(lay.sp_rank + 1) * chunk] for k, v in rows.items()}
+
+
+def check_sequence_rows(rows: Batch, attn: str | None) -> None:
+    """Ulysses attention drops attention masks and runs the core attention over the gathered row: plain causal
+    under sdpa, split at position resets under flash-attention-2 (`check_varlen_positions`). Under sdpa a row
+    must therefore hold one document (trailing unlabelled padding may follow it: `attention_segments`)."""
+    if attn != "flash_attention_2" and not single_segment(attention_segments(rows["segment_ids"], rows["labels"])):
+        raise UserError("sequence parallelism (sp_size) with sdpa runs plain causal attention over each row, and "
+                        "these rows pack several documents; use attn_implementation: flash_attention_2 "
+                        "(documents restarting position_ids at 0), or rows of one document each")
 
 
 def check_varlen_positions(segment_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
@@ -162,24 +216,40 @@ def check_varlen_positions(segment_ids: torch.Tensor, position_ids: torch.Tensor
 
 
 def check_flash_rows(b: Batch, lay: Layout) -> None:
-    """flash-attention-2 separates packed documents only in a batch of one row: transformers derives their
-    boundaries from position_ids at batch size 1 alone, and runs plain causal attention over longer batches."""
+    """Under sequence parallelism, flash-attention-2 separates packed documents only in a batch of one row:
+    Ulysses hands the attention whole rows without our `cu_seq_lens`, and transformers derives document boundaries
+    from position_ids at batch size 1 alone. (Without sequence parallelism `step.varlen_batch` flattens any number
+    of rows and passes the boundaries itself.)"""
     rows = b["input_ids"].shape[0]
     if rows > 1 and not single_segment(attention_segments(b["segment_ids"], b["labels"])):
-        raise ConfigError(f"attn_implementation flash_attention_2 with packed rows needs one row per process, not "
-                          f"{rows}: over several rows documents would attend to each other; set batch_size to {lay.dp} "
-                          "(one row per data-parallel process) and raise grad_accum instead, or use "
-                          "attn_implementation: sdpa")
+        raise ConfigError(f"attn_implementation flash_attention_2 with packed rows under sequence parallelism needs "
+                          f"one row per sequence-parallel group, not {rows}: over several rows documents would "
+                          f"attend to each other; set batch_size to {lay.dp} and raise grad_accum instead, or train "
+                          "without sp_size")
 
 
-def check_supported(cfg: TrainConfig, lay: Layout, attn: str | None, zero3: bool, lora: bool) -> None:
+def check_supported(cfg: TrainConfig, lay: Layout, attn: str | None, zero3: bool, lora: bool,
+                    sp_attn: str | None = None) -> None:
     """Refuse, in one line naming the setting and the fix, what would crash or silently train on wrong attention.
 
-    attn: the attention implementation the stage trains with; zero3: DeepSpeed ZeRO-3; lora: a peft-wrapped model."""
+    attn: the attention implementation the stage trains with; zero3: DeepSpeed ZeRO-3; lora: a peft-wrapped model;
+    sp_attn: the attention DeepSpeed's Ulysses wrapper intercepts (accelerate's `sp_attn_implementation`)."""
     if lay.cp > 1 and attn not in ("sdpa", DOC_ATTENTION):
         raise ConfigError(f"attn_implementation {attn} with context parallelism (cp_size {lay.cp}): torch's context "
                           f"parallelism replaces only scaled_dot_product_attention, so {attn} would attend within "
                           "each shard alone; set attn_implementation: sdpa")
+    if lay.sp > 1:
+        if attn not in SP_ATTENTION:
+            raise ConfigError(f"attn_implementation {attn} with sequence parallelism (sp_size {lay.sp}): DeepSpeed's "
+                              f"Ulysses attention wraps {' or '.join(SP_ATTENTION)} only; set attn_implementation: "
+                              "sdpa")
+        if sp_attn != attn:
+            raise ConfigError(f"sp_attn_implementation {sp_attn} differs from the stage's attn_implementation "
+                              f"{attn}: Ulysses would intercept an attention the model never calls; set "
+                              f"parallelism_config_sp_attn_implementation: {attn} in the accelerate config")
+        if cfg.fused_loss == "liger":
+            raise ConfigError("fused_loss liger with sequence parallelism is not supported (it averages over the "
+                              "local slice); set fused_loss: none (the default chunked loss builds no full logits)")
     if cfg.fused_loss != "liger":
         return
     if lay.cp > 1:

@@ -8,8 +8,9 @@ from pydantic import Field
 
 from ...config import ConfigError
 from ..datasets import data_console
-from ..packing import TokenizedCorpus
-from ..readers import BadRecords, DataError, read_sources
+from ..readers import read_sources
+from ..records import BadRecords, DataError
+from ..tokenized import TokenizedCorpus
 from .registry import BuilderArgs
 
 
@@ -19,8 +20,8 @@ class SourceArgs(BuilderArgs):
     srcs: list[str] = Field(default_factory=lambda: ["embedded"],
                             description="text/JSONL/Parquet/Arrow files, folders, saved datasets, 'embedded'")
     on_bad_record: str = Field("fail", description="fail: stop at the first bad record; skip: count it and go on")
-    text_field: str = Field("text", description="the field/column holding the text (JSONL, Parquet, Arrow)")
-    cache: bool = Field(True, description="read tokens through the token cache (`data/tokcache.py`)")
+    text_field: str = Field("text", description="the field/column holding the text (JSONL, Parquet, Arrow, datasets)")
+    cache: bool = Field(True, description="reuse/keep tokenised sources in $CTXSTRETCH_CACHE/tokens")
 
     def corpus(self, tok) -> tuple[TokenizedCorpus, BadRecords]:
         """The sources tokenised (each document + EOS), and the bad records met on the way."""

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from ...config import ConfigError
 from ..datasets import Written
-from ..readers import DataError
+from ..records import DataError
 from ..tokens import pad_id_of
 from .corpus import SourceArgs
 from .registry import Card, Job, one_row, plain_row, progress, register
@@ -41,18 +41,19 @@ def _same_tokenizer(a, b) -> bool:
 
 # --------------------------------------------------------------------------------------------- self-instruct
 class SelfInstructArgs(SourceArgs):
-    generator: str = Field("embedded", description="the model writing questions and answers (dir or 'embedded')")
-    length: int = Field(1024, description="tokens per row (document + question + answer)")
+    model: str = Field("embedded", description="the model to train: its tokenizer builds the rows")
+    generator: str = Field("embedded", description="local HF model that writes the QA pairs, or 'embedded'")
+    length: int = Field(1024, description="tokens per row (the document is truncated to fit)")
     count: int = Field(16, description="questions to ask")
-    chunk_len: int | None = Field(None, description="generator tokens per chunk asked about (None: what fits)")
-    short_share: float = Field(0.5, description="share of short-answer questions")
-    self_check: bool = Field(True, description="keep a pair only if the generator answers it again the same way")
-    input_loss: bool = Field(False, description="LM loss on the document as well as on the answer")
-    batch_size: int = Field(8, description="prompts per generation batch")
-    max_new_tokens: int = Field(32, description="tokens per generated question or answer")
+    chunk_len: int | None = Field(None, description="chunk length in generator tokens (default: what fits)")
+    short_share: float = Field(0.5, description="share of 'a few words or a single phrase' prompts")
+    self_check: bool = Field(True, description="drop pairs the generator itself rejects")
+    input_loss: bool = Field(False, description="LM loss on the document too (Llama 2 Long)")
+    batch_size: int = Field(8, description="prompts generated at once")
+    max_new_tokens: int = Field(32, description="tokens per question and per answer, at most")
     temperature: float = Field(0.7, description="sampling temperature (0: greedy)")
-    min_doc_tokens: int = Field(64, description="shortest document used, in tokens")
-    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="where the generator runs")
+    min_doc_tokens: int = Field(64, description="skip documents shorter than this")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto, cpu or cuda (for the generator)")
 
     def check(self) -> None:
         if (self.length < 16 or self.count < 1 or not 0 <= self.short_share <= 1 or self.max_new_tokens < 1
@@ -126,14 +127,14 @@ def selfinstruct(a: SelfInstructArgs, tok) -> Job:
 # ---------------------------------------------------------------------------------------------- impactful
 class ImpactfulArgs(SourceArgs):
     length: int = Field(4096, description="tokens per row")
-    scorer: str | None = Field(None, description="the long model scoring tokens (None: the digit heuristic)")
-    base: str | None = Field(None, description="the base model the scorer is compared with (None: the scorer "
-                             "with a short context)")
-    short: int | None = Field(None, description="tokens of the short context (without `base`)")
-    window: int | None = Field(None, description="tokens scored at a time")
-    share: float = Field(0.2, description="share of tokens kept as impactful (with a scorer)")
-    other_share: float = Field(0.5, description="share of the other sentences kept (the heuristic)")
-    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="where the scorer runs")
+    scorer: str | None = Field(None, description="long model scoring tokens (none: digit heuristic)")
+    base: str | None = Field(None, description="base model to compare the scorer with (none: the scorer with a "
+                             "short context)")
+    short: int | None = Field(None, description="truncated context (tokens) when the scorer has no base")
+    window: int | None = Field(None, description="full context (tokens) for scoring")
+    share: float = Field(0.2, description="share of tokens that are impactful (with a scorer)")
+    other_share: float = Field(0.5, description="heuristic: share of digit-free sentences kept")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto, cpu or cuda (for the scorer)")
 
     def check(self) -> None:
         if self.length < 2 or not 0 < self.share <= 1 or not 0 <= self.other_share <= 1:

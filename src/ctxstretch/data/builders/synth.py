@@ -9,7 +9,7 @@ from pydantic import Field
 
 from ...config import ConfigError
 from ..datasets import Written, data_console
-from ..readers import BadRecords, DataError
+from ..records import BadRecords, DataError
 from ..tokens import pad_id_of
 from .corpus import read_corpus
 from .registry import BuilderArgs, Card, Job, one_row, plain_row, progress, register
@@ -76,7 +76,7 @@ class ProbesArgs(BuilderArgs):
     lengths: list[int] = Field(..., description="probe lengths in tokens; each probe is one row of its length")
     depths: list[float] | None = Field(None, description="needle depths in [0, 1] (None: 0, 0.25, …, 1)")
     count: int = Field(4, description="probes per (kind, length, depth)")
-    haystack: list[str] | None = Field(None, description="haystack text sources (None: the embedded corpus' "
+    haystack: list[str] | None = Field(None, description="haystack sources (default: the embedded corpus' "
                                        "training split; evaluation uses the held-out split)")
     text_field: str = Field("text", description="the field/column holding the haystack's text")
 

@@ -8,8 +8,9 @@ from pydantic import Field, field_validator
 
 from ...config import ConfigError
 from ..datasets import Written, bad_section, rows_batches
-from ..packing import iter_packed, plan_documents
+from ..packing import iter_packed
 from ..tokens import pad_id_of
+from ..weighting import plan_documents
 from .corpus import SourceArgs, sources_section
 from .registry import Card, Job, register
 
@@ -18,10 +19,11 @@ DOC_LENGTHS = "document lengths (tokens, incl. EOS)"
 
 class PackArgs(SourceArgs):
     length: int = Field(4096, description="tokens per row")
-    long_threshold: int = Field(0, description="documents of at least this many tokens are 'long' (0: none)")
-    long_weight: float = Field(1.0, description="how much more often long documents are drawn")
-    mix: str | None = Field(None, description="source weights, 'name=w,name=w' (every source needs one)")
-    split_short: bool = Field(True, description="split a document shorter than a row across two rows")
+    long_threshold: int = Field(0, description="documents of at least this many tokens are upsampled (0: none)")
+    long_weight: float = Field(1.0, description="sampling weight of long documents (Llama 2 Long)")
+    mix: str | None = Field(None, description="per-source token shares, e.g. embedded=1,notes=3 (every source "
+                            "needs one)")
+    split_short: bool = Field(True, description="fill every row (documents may cross row ends)")
 
     def check(self) -> None:
         if self.length < 2:
@@ -70,8 +72,8 @@ def parse_mix(text: str | None, names: list[str]) -> np.ndarray | None:
 
 class CipArgs(SourceArgs):
     length: int = Field(4096, description="tokens per row")
-    k: int = Field(0, description="documents interleaved per group (0: as many as fill a row)")
-    chunk_len: int = Field(512, description="chunk length in tokens")
+    k: int = Field(0, description="documents per group (0: as many as fill a row)")
+    chunk_len: int = Field(512, description="tokens per chunk")
     interleave: str = Field("round_robin", description="round_robin (also round-robin) or random")
 
     @field_validator("interleave")

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -22,7 +23,7 @@ def run_dir(tmp_path_factory):
     cfg.write_text(yaml.safe_dump({
         "target": 1024, "method": "yarn",
         "train": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1},
-        "eval": {"trials": 1, "depths": [0.0, 1.0], "loss_rows": 2},
+        "eval": {"trials": 1, "depths": [0.0, 1.0], "loss_rows": 2, "lm_eval_tasks": []},
     }))
     result = CliRunner().invoke(app, ["extend", "--config", str(cfg), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -54,7 +55,13 @@ def test_rope_configuration_changed_as_asked(run_dir):
 
 
 def test_config_yaml_reruns_the_same_settings(run_dir):
+    """`--config RUN/config.yaml` resolves to exactly what ran: every derived setting was written down."""
+    from ctxstretch import extend_config
+    from ctxstretch.recipes.extend import resolve_extend
+
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    again, _ = resolve_extend(extend_config(run_dir / "config.yaml"))
+    assert again.model_dump(mode="json") == saved
     assert saved["target"] == 1024 and saved["train"]["steps"] == 4 and saved["train_length"] == 307
 
 
@@ -93,6 +100,8 @@ def test_lora_extension_writes_a_plain_merged_model(tmp_path, micro_model_dir):
     assert result.exit_code == 0, result.output
     from safetensors.torch import load_file
 
-    keys = load_file(out / "model" / "model.safetensors").keys()
-    assert not any("lora" in k or "base_model" in k for k in keys)
+    merged, base = load_file(out / "model" / "model.safetensors"), load_file(micro_model_dir / "model.safetensors")
+    assert not any("lora" in k or "base_model" in k for k in merged) and merged.keys() == base.keys()
+    changed = [k for k in base if "proj" in k and not torch.equal(merged[k], base[k])]
+    assert changed, "the adapters' training is merged into the projections"
     assert json.loads((out / "model" / "config.json").read_text())["rope_parameters"]["rope_type"] == "default"

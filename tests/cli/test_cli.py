@@ -1,5 +1,5 @@
 """The commands run end to end on any local model; nothing reaches the network; pickled weights load only behind
-the flag. (Bad input: tests/test_bad_inputs.py.)"""
+the flag. (Bad input: tests/cli/test_bad_inputs.py.)"""
 
 import json
 
@@ -94,3 +94,16 @@ def test_commands_register_one_way():
     modules = [m for m in graph if m.startswith("ctxstretch.cli.") and m != "ctxstretch.cli.__main__"]
     assert {"ctxstretch.cli.common", "ctxstretch.cli.run", "ctxstretch.cli.evaluate"} <= set(modules)
     assert [m for m in modules if "ctxstretch.cli" in graph[m]] == []
+
+
+def test_every_builder_argument_is_a_data_flag():
+    """`ctxstretch data KIND` takes its builder's argument model: one parameter per field, plus --out and --force."""
+    import typer.main
+
+    from ctxstretch.cli.data import data_app
+    from ctxstretch.data.builders import REGISTRY
+
+    group = typer.main.get_command(data_app)
+    assert set(group.commands) == set(REGISTRY)
+    for kind, spec in REGISTRY.items():
+        assert {p.name for p in group.commands[kind].params} == {*spec.args.model_fields, "out", "force"}, kind

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from ctxstretch.cli import app
 from tests.conftest import micro_llama
 
-BAD = Path(__file__).parent / "bad_inputs"
+BAD = Path(__file__).parents[1] / "bad_inputs"
 runner = CliRunner()
 
 
@@ -97,7 +97,7 @@ def _out_under_a_file(tmp: Path, micro: Path) -> None:
 
 def _other_run(tmp: Path, micro: Path) -> None:
     """A run directory left by `extend` with another configuration (target 512)."""
-    from ctxstretch.extend import ExtendConfig
+    from ctxstretch.recipes.extend import ExtendConfig
 
     (tmp / "out").mkdir()
     cfg = ExtendConfig(model=str(micro), target=512, train_length=153)
@@ -222,8 +222,10 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
             for root in roots for p in [root, *root.rglob("*")]}
 
 
-def test_the_corpus_is_big_enough():
-    assert len(CASES) >= 25
+def test_every_command_reading_user_input_meets_bad_input_here():
+    """Each command that turns files, configs or flags into a run or dataset directory has cases in the table."""
+    covered = {case.args.split()[0] for case in CASES.values()}
+    assert covered >= {"extend", "eval", "train", "data", "report"}, covered
 
 
 @pytest.mark.parametrize("name", list(CASES))

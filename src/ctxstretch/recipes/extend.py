@@ -8,6 +8,10 @@ span-repetition rows — no rows in any evaluation probe's format. A pretrained 
 (`--text`, default the standard library as package-level documents), long ones drawn more often, short ones made
 long by chunk interleaving (CIP), with LR, steps, rows per step and precision derived from the model
 (`ctxstretch.defaults`).
+
+As a recipe module: `ExtendConfig` holds its parameters (the command's flags; `config.yaml` of a run),
+`resolve_extend` derives what is left unset, `pipeline` turns them into a one-stage `PipelineConfig`, `claims` are
+the recipe's claims checked in the run's report, and `run` is the `Run` that `ctxstretch.extend` executes.
 """
 
 from __future__ import annotations
@@ -18,28 +22,31 @@ import yaml
 from pydantic import Field
 from rich.console import Console
 
-from .config import Strict, TrainConfig, parse
-from .data.mix import ROW_KINDS
-from .defaults import CPU_PEAK_SHARE, cpu_step_seconds, derive
-from .eval.heldout import pooled_token
-from .eval.perplexity import far_bucket
-from .eval.suite import EvalConfig, EvalResult
-from .hardware import matmul_peak
-from .models import EMBEDDED, load_config, resolve
-from .plan import GPUS, flops_per_token, memory_for, read_shape
-from .positions import METHODS as POSITION_METHODS
-from .recipes.config import DataConfig, PipelineConfig, RopeConfig, StageConfig, load_yaml
-from .recipes.pipeline import run_pipeline
-from .rope import METHODS as ROPE_METHODS
-from .rope import default_target, original_window
-from .rundir import RunDir
-from .train.parallel import resolve_device
+from ..config import Strict, TrainConfig, parse
+from ..data.mix import ROW_KINDS
+from ..defaults import CPU_PEAK_SHARE, cpu_step_seconds, derive
+from ..eval.heldout import pooled_token
+from ..eval.lmeval_ruler import DEFAULT_LIMIT, MIN_LENGTH
+from ..eval.perplexity import far_bucket
+from ..eval.suite import EvalConfig, EvalResult
+from ..hardware import matmul_peak
+from ..models import EMBEDDED, load_config, resolve
+from ..plan import GPUS, flops_per_token, memory_for, read_shape
+from ..positions import METHODS as POSITION_METHODS
+from ..rope import METHODS as ROPE_METHODS
+from ..rope import default_target, original_window
+from ..rundir import RunDir
+from ..train.parallel import resolve_device
+from .config import DataConfig, PipelineConfig, RopeConfig, StageConfig, load_yaml
+from .pipeline import Run
 
 # Chosen on the held-out families (README "Results"): plain text plus span-repetition rows, no probe templates.
 DEFAULT_MIX = {"text": 0.6, "text_copy": 0.2, "random_copy": 0.2}
 # A pretrained model: its kind of text, long documents drawn more often, short ones interleaved into long rows (CIP).
 PRETRAINED_MIX = {"text": 0.7, "cip": 0.2, "text_copy": 0.1}
 GPU_ASSUMED_FLOPS = GPUS["h100"].bf16_tflops * 1e12
+# The external suite of every report: lm-eval's own single-needle, multi-key and variable-tracking RULER tasks.
+EXTERNAL_TASKS = ("niah_single_1", "niah_multikey_2", "ruler_vt")
 LONG_WEIGHT = 3.0  # documents of at least one row's length are drawn this much more often (Llama 2 Long §4)
 
 
@@ -83,8 +90,9 @@ def load_extend_config(path: Path) -> ExtendConfig:
     return parse(ExtendConfig, load_yaml(path), str(path))
 
 
-def as_pipeline(cfg: ExtendConfig) -> PipelineConfig:
-    """`extend` is a one-stage pipeline: the rope change, then one training stage named `extend`."""
+def pipeline(cfg: ExtendConfig) -> PipelineConfig:
+    """`extend` is a one-stage pipeline: the rope change, then one training stage named `extend` (none when
+    training-free)."""
     embedded = cfg.model == EMBEDDED
     data = DataConfig(mix=cfg.mix, text=cfg.text, text_field=cfg.text_field,
                       long_threshold=0 if embedded else cfg.train_length, long_weight=1.0 if embedded else LONG_WEIGHT)
@@ -119,8 +127,29 @@ def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tupl
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
             "precision": "auto", **({"heldout_trials": 1, "trials": 1} if cpu else {})})})
         rule += "; evaluation in bf16 where native" + (", 1 probe per cell on a CPU" if cpu else "")
-    as_pipeline(cfg).resolved(window)  # the pipeline's own checks (data sources, lengths), before anything runs
+    if "lm_eval_tasks" not in cfg.eval.model_fields_set:
+        external, said = external_suite(cfg.target, one_sample=not embedded and resolve_device(t.device) == "cpu")
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update=external)})
+        rule += f"; {said}"
+    pipeline(cfg).resolved(window)  # the pipeline's own checks (data sources, lengths), before anything runs
     return cfg, rule
+
+
+def external_suite(target: int, one_sample: bool) -> tuple[dict, str]:
+    """The external check every `extend` report carries unless told otherwise: lm-evaluation-harness's RULER tasks
+    `EXTERNAL_TASKS` at a quarter of the target and at the target (each no shorter than the tasks' floor), a few
+    samples per cell (one for a pretrained model on a CPU, where a 32K sample takes minutes); optional, so a machine
+    that cannot build lm-eval's environment still gets its report, with the reason in it.
+    Returns (the evaluation settings, the rule as printed)."""
+    floor = max(MIN_LENGTH[t] for t in EXTERNAL_TASKS)
+    if target < floor:
+        return {"lm_eval_tasks": []}, f"no lm-eval RULER tasks (they need ≥ {floor:,} tokens)"
+    lengths = sorted({max(floor, target // 4), target})
+    limit = 1 if one_sample else DEFAULT_LIMIT
+    return ({"lm_eval_tasks": list(EXTERNAL_TASKS), "lm_eval_lengths": lengths, "lm_eval_limit": limit,
+             "lm_eval_optional": True},
+            f"lm-eval RULER {', '.join(EXTERNAL_TASKS)} at {' and '.join(f'{n:,}' for n in lengths)} "
+            f"({limit} sample{'s' if limit > 1 else ''} each)")
 
 
 def dry_run(cfg: ExtendConfig, rule: str) -> list[str]:
@@ -152,20 +181,22 @@ def dry_run(cfg: ExtendConfig, rule: str) -> list[str]:
             "config:", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip()]
 
 
-def run_extend(cfg: ExtendConfig, out: Path, resume: bool = False, force: bool = False,
-               console: Console | None = None) -> Path:
-    """Run the whole extension; returns the path of `report.md`."""
+def run(cfg: ExtendConfig, out: Path, *, resume: bool = False, force: bool = False,
+        console: Console | None = None) -> Run:
+    """The run of `cfg` into `out`, every derived setting filled in (when resuming, the run directory's own
+    derived values are kept); `.execute()` it."""
     console = console or Console()
     saved = RunDir(out).config
     cfg, rule = resolve_extend(cfg, load_extend_config(saved) if resume and saved.exists() else None)
     console.print(f"settings: {rule}")
-    return run_pipeline(as_pipeline(cfg), out, resume=resume, force=force, console=console,
-                        saved_config=cfg.model_dump(mode="json"), title="ctxstretch extend",
-                        checks=lambda r, w, t: target_checks(r["base"], r["extended"], w, t))
+    return Run(pipeline(cfg), out, resume=resume, force=force, console=console,
+               saved_config=cfg.model_dump(mode="json"), title="ctxstretch extend", claims=claims)
 
 
-def target_checks(base: EvalResult, ext: EvalResult, window: int, target: int) -> list[tuple[str, bool, str]]:
-    """The default recipe's claims, measured on the held-out families (pooled answer-token accuracy)."""
+def claims(results: dict[str, EvalResult], window: int, target: int) -> list[tuple[str, bool, str]]:
+    """The default recipe's claims on one run's evaluations (`base`, `extended`), measured on the held-out families
+    (pooled answer-token accuracy) and on the loss by position."""
+    base, ext = results["base"], results["extended"]
     b, e = pooled_token(base.heldout), pooled_token(ext.heldout)
     checks = []
     if window in b and window in e:

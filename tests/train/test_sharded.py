@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_distributed import _rows, torchrun
+from tests.train.test_distributed import _rows, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_MIN = "77"  # the worker's process group must wait this long, not accelerate's or torch's default
 
 

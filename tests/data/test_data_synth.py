@@ -28,7 +28,7 @@ from ctxstretch.data.impactful import (
     sentences_with,
 )
 from ctxstretch.data.probes import EVAL_SEED_OFFSET, IGNORE, ProbeBuilder, rng_for
-from ctxstretch.data.readers import DataError
+from ctxstretch.data.records import DataError
 from ctxstretch.data.ruler import RulerBuilder, probe_examples
 from ctxstretch.data.selfinstruct import QAWriter, chunk_spans, generate_qas, parse_qa, plan_questions, selfinstruct_row
 from ctxstretch.data.sentences import BoundaryVocab
@@ -247,7 +247,7 @@ def _corpus(tmp_path):
 def test_token_cache_is_hit_on_a_second_run_and_gives_identical_rows(tmp_path, monkeypatch):
     import datasets
 
-    from ctxstretch.data import packing
+    from ctxstretch.data import tokenized
 
     src = _corpus(tmp_path)
     builders.build_pack([str(src)], tmp_path / "p1", length=64)
@@ -257,7 +257,7 @@ def test_token_cache_is_hit_on_a_second_run_and_gives_identical_rows(tmp_path, m
     def no_tokenising(*a, **k):
         raise AssertionError("tokenised again instead of reading the cache")
 
-    monkeypatch.setattr(packing.TokenizedCorpus, "build", no_tokenising)
+    monkeypatch.setattr(tokenized.TokenizedCorpus, "build", no_tokenising)
     builders.build_pack([str(src)], tmp_path / "p2", length=64)
     builders.build_cip([str(src)], tmp_path / "c2", length=64, chunk_len=8)
     a, b = datasets.load_from_disk(str(tmp_path / "p1")), datasets.load_from_disk(str(tmp_path / "p2"))

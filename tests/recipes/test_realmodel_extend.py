@@ -11,9 +11,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from ctxstretch import extend
 from ctxstretch.defaults import pretrained_lr
-from ctxstretch.extend import ExtendConfig, run_extend
 from ctxstretch.hardware import precision_for
+from ctxstretch.recipes.extend import ExtendConfig
 
 
 @pytest.mark.slow
@@ -25,13 +26,15 @@ def test_smollm2_extend_smoke(smollm2, tmp_path):
                                                  range(600)))
     cfg = ExtendConfig(model=str(smollm2), target=16384, train_length=1024, text=[str(texts)],
                        train={"steps": 2, "device": "cpu"},
-                       eval={"lengths": [1024], "heldout_depths": [0.5], "heldout_trials": 1, "depths": [0.5],
-                             "trials": 1, "needle": False, "loss_rows": 1, "short_rows": 1, "precision": "auto"})
+                       eval={"lm_eval_tasks": [], "lengths": [1024], "heldout_depths": [0.5], "heldout_trials": 1,
+                             "depths": [0.5], "trials": 1, "needle": False, "loss_rows": 1, "short_rows": 1,
+                             "precision": "auto"})
     out = tmp_path / "run"
-    report = run_extend(cfg, out)
+    report = extend(config=cfg, out=out)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["lr"] == pytest.approx(pretrained_lr(134_515_008), rel=0.01)
-    assert saved["train"]["batch_size"] == 1 and saved["train"]["gradient_checkpointing"] is True
+    assert saved["train"]["batch_size"] == 1
+    assert saved["train"]["gradient_checkpointing"] is False  # 1,024-token rows: inside the 8,192-token window
     assert saved["train"]["precision"] == precision_for("cpu")
     assert saved["mix"] == {"text": 0.7, "cip": 0.2, "text_copy": 0.1}
     rope = json.loads((out / "model" / "config.json").read_text())["rope_parameters"]

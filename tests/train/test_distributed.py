@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CRASH_AT = 4  # optimizer step whose rows raise in the "crash" run (after the step-3 checkpoint)
 
 

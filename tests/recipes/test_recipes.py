@@ -12,10 +12,9 @@ from typer.testing import CliRunner
 from ctxstretch.cli import app
 from ctxstretch.config import ConfigError
 from ctxstretch.recipes import RECIPES, pipeline_from, read_spec
-from ctxstretch.recipes.pipeline import PipelineConfig, run_pipeline
+from ctxstretch.recipes.pipeline import PipelineConfig, Run
 from ctxstretch.train.merge import linear_merge
-
-from .conftest import micro_llama
+from tests.conftest import micro_llama
 
 runner = CliRunner()
 TINY_EVAL = {"lengths": [128, 512], "depths": [0.5], "trials": 1, "loss_rows": 1}
@@ -174,12 +173,12 @@ def test_pipeline_stages_resume_and_output_loads_plainly(tmp_path, micro128, mon
 
     monkeypatch.setattr(stages_mod, "linear_merge", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        run_pipeline(cfg, out)
+        Run(cfg, out).execute()
     first = out / "stages" / "long" / "model" / "model.safetensors"
     stamp = first.stat().st_mtime_ns
     assert not (out / "stages" / "merge" / "done.json").exists()
     monkeypatch.undo()
-    run_pipeline(cfg, out, resume=True)
+    Run(cfg, out, resume=True).execute()
     assert first.stat().st_mtime_ns == stamp, "a finished stage is not redone"
     for d in (out / "stages" / "long" / "model", out / "stages" / "merge" / "model", out / "model"):
         model = AutoModelForCausalLM.from_pretrained(d)
@@ -223,7 +222,7 @@ def test_a_stage_trains_on_a_ctxstretch_data_directory(tmp_path, micro128):
 
     from ctxstretch.data.builders import build_synl
     from ctxstretch.data.mix import DatasetRows
-    from ctxstretch.data.readers import DataError
+    from ctxstretch.data.records import DataError
     from ctxstretch.recipes.config import StageConfig
     from ctxstretch.recipes.rows import stage_rows
     from ctxstretch.tiny import MODEL_DIR
@@ -248,7 +247,7 @@ def test_a_training_free_recipe_writes_the_new_rope(tmp_path, micro128):
 
     cfg = pipeline_from({"recipe": "yarn-free", "model": str(micro128), "target": 512, "eval": TINY_EVAL}, "x",
                         lambda model: 128)
-    run_pipeline(cfg, tmp_path / "run")
+    Run(cfg, tmp_path / "run").execute()
     new = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert new.config.rope_parameters["rope_type"] == "yarn" and new.config.max_position_embeddings == 512
     x = torch.arange(300)[None] % 1000

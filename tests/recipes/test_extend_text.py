@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ctxstretch.cli import app
 from ctxstretch.config import ConfigError
-from ctxstretch.extend import ExtendConfig, as_pipeline, resolve_extend
+from ctxstretch.recipes.extend import ExtendConfig, pipeline, resolve_extend
 from ctxstretch.recipes.rows import stage_rows
 
 DOCS = [" ".join(f"zebra{i} river stone {j}." for j in range(400)) for i in range(3)]
@@ -46,7 +46,7 @@ def test_text_sources_feed_the_training_rows(kind, tmp_path, tokenizer):
     field = "text" if kind == "folder" else "body"
     cfg, _ = resolve_extend(ExtendConfig(text=[str(src)], text_field=field, mix={"text": 1.0}, train_length=512,
                                          target=2048, train={"device": "cpu"}))
-    stage = as_pipeline(cfg).resolved(256).stages[0]
+    stage = pipeline(cfg).resolved(256).stages[0]
     assert stage.data.text == [str(src)] and stage.data.text_field == field
     batch = stage_rows(stage, tokenizer, seed=0, dataset_dir=None)(0)
     assert batch["input_ids"].shape == (4, 512)

@@ -7,7 +7,7 @@ import pytest
 from ctxstretch.data.probes import IGNORE, ProbeBuilder, rng_for
 from ctxstretch.data.ruler import TASKS, RulerBuilder
 from ctxstretch.eval.ruler import ruler_scores
-from tests.test_probes import Oracle
+from tests.data.test_probes import Oracle
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,14 @@ from typer.testing import CliRunner
 
 from ctxstretch.cli import app
 from ctxstretch.data.cip import cip_rows, cip_sequence, interleave_order
-from ctxstretch.data.packing import (
-    TokenizedCorpus,
-    iter_packed,
-    long_document_weights,
-    pack_rows,
-    plan_documents,
-    source_multipliers,
-)
+from ctxstretch.data.packing import iter_packed, pack_rows
 from ctxstretch.data.probes import IGNORE
-from ctxstretch.data.readers import BadRecords, DataError, Document, read_documents, read_sources
+from ctxstretch.data.readers import read_documents, read_sources
+from ctxstretch.data.records import BadRecords, DataError, Document
 from ctxstretch.data.synl import KINDS, synl_example, synl_row
+from ctxstretch.data.tokenized import TokenizedCorpus
 from ctxstretch.data.tokens import tokenize_batches
+from ctxstretch.data.weighting import long_document_weights, plan_documents, source_multipliers
 from ctxstretch.masking import mask_for_model
 from tests.conftest import micro_llama
 
