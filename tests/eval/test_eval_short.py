@@ -5,6 +5,7 @@ import json
 import math
 import sys
 import types
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from ctxstretch.config import ConfigError
 from ctxstretch.eval import suite
 from ctxstretch.eval.backend import check_backend
 from ctxstretch.eval.passkey import Grid
+from ctxstretch.eval.perplexity import token_losses
 from ctxstretch.eval.report import write_report
 from ctxstretch.eval.short import LMEVAL_MISSING, lm_eval_args, metrics_of, run_lm_eval, short_context_loss
 from ctxstretch.eval.suite import EvalConfig, EvalResult, evaluate
@@ -39,11 +41,12 @@ def result(short_loss: float | None, lm: dict | None = None) -> EvalResult:
 
 def test_short_context_loss_of_an_untrained_model_is_near_uniform(tokenizer, stream):
     """Rows of the model's own window; a freshly initialised model predicts about uniformly: loss ≈ ln(vocab)."""
-    res = short_context_loss(micro_llama(tokenizer, window=64), stream, 64, rows=4, batch_size=2)
+    losses_of = partial(token_losses, micro_llama(tokenizer, window=64), batch_size=2)
+    res = short_context_loss(losses_of, stream, 64, rows=4)
     assert res["length"] == 64 and res["rows"] == 4 and res["tokens"] == 4 * 63
     assert abs(res["loss"] - math.log(len(tokenizer))) < 0.5
     with pytest.raises(ConfigError, match="fewer than one row"):
-        short_context_loss(micro_llama(tokenizer), stream[:10], 64)
+        short_context_loss(partial(token_losses, micro_llama(tokenizer)), stream[:10], 64)
 
 
 def test_evaluate_records_the_short_context_loss_on_a_user_text(tokenizer, stream, tmp_path, monkeypatch):

@@ -140,6 +140,7 @@ def test_extend_runs_lm_eval_ruler_on_each_saved_model(tmp_path, micro_model_dir
         return {t: {n: 0.5 for n in lengths} for t in tasks}
 
     monkeypatch.setattr(pipeline.lmeval_ruler, "run_ruler", fake_run_ruler)
+    monkeypatch.setattr(pipeline.lmeval_ruler, "ensure_env", lambda: Path(sys.executable))  # built up front
     cfg = ExtendConfig(model=str(micro_model_dir), target=512, train_length=64, mix={"text": 1.0},
                        train={"steps": 1, "batch_size": 1, "device": "cpu"},
                        eval={"lengths": [256], "depths": [0.5], "trials": 1, "needle": False, "loss_rows": 0,
@@ -150,4 +151,34 @@ def test_extend_runs_lm_eval_ruler_on_each_saved_model(tmp_path, micro_model_dir
     assert [s[0] for s in seen] == [micro_model_dir, out / "model"]
     assert seen[0][1:] == (("niah_single_1",), (256,), 2)
     assert json.loads((out / "extended" / "eval.json").read_text())["external_ruler"] == {"niah_single_1": {"256": 0.5}}
-    assert "niah_single_1" in report
+    assert "niah_single_1" in report and "2 samples per task and length" in report
+
+
+def test_the_default_extend_report_carries_the_external_suite_or_says_why_not(tmp_path, micro_model_dir,
+                                                                            monkeypatch):
+    """Unless told otherwise, `extend` asks lm-eval's RULER tasks at a quarter of the target and at the target; when
+    lm-eval's environment cannot be built (no package index) the run still finishes and the report says why."""
+    from ctxstretch import extend
+    from ctxstretch.eval import lmeval_ruler
+    from ctxstretch.eval.venv import IndexUnreachable
+    from ctxstretch.recipes.extend import EXTERNAL_TASKS, ExtendConfig, resolve_extend
+
+    tiny = {"lengths": [256], "depths": [0.5], "trials": 1, "needle": False, "loss_rows": 0, "short_rows": 0,
+            "heldout_depths": [0.5], "heldout_trials": 1}
+    cfg = ExtendConfig(model=str(micro_model_dir), target=4096, train_length=64, mix={"text": 1.0},
+                       train={"steps": 0, "device": "cpu"}, eval=tiny)
+    resolved, rule = resolve_extend(cfg)
+    ev = resolved.eval
+    assert (tuple(ev.lm_eval_tasks), ev.lm_eval_lengths, ev.lm_eval_optional) == (EXTERNAL_TASKS, [1024, 4096], True)
+    assert "lm-eval RULER" in rule
+    assert resolve_extend(cfg.model_copy(update={"target": 512}))[0].eval.lm_eval_tasks == []  # below the floor
+
+    def unreachable():
+        raise IndexUnreachable("the lm-eval environment could not be built: the package index is unreachable")
+
+    monkeypatch.setattr(lmeval_ruler, "ensure_env", unreachable)
+    report = extend(config=cfg, out=tmp_path / "run").read_text()
+    assert "## External suite: lm-evaluation-harness RULER" in report
+    assert "Not run: the lm-eval environment could not be built" in report
+    with pytest.raises(IndexUnreachable):  # asked for explicitly: a one-line error before anything runs
+        lmeval_ruler.prepare(["niah_single_1"], [1024], optional=False)

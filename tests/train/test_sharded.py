@@ -212,16 +212,17 @@ def test_train_stage_refuses_liger_on_a_lora_model_before_anything_runs(tmp_path
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_flash_attention_refuses_packed_rows_beyond_one_per_process(tokenizer):
-    """transformers separates packed documents for flash-attention-2 only at batch size 1: two packed rows in one
-    process are refused; one packed row, or several one-document rows (trailing padding included), pass."""
+def test_flash_attention_under_sequence_parallelism_refuses_packed_rows_beyond_one_per_group(tokenizer):
+    """Under Ulysses, transformers separates packed documents for flash-attention-2 only at batch size 1 (the
+    varlen path with our own boundaries is not used there): two packed rows per group are refused; one packed row,
+    or several one-document rows (trailing padding included), pass."""
     from ctxstretch.config import ConfigError
     from ctxstretch.data.probes import IGNORE
     from ctxstretch.train.parallel import Layout, check_flash_rows
 
     ids = torch.arange(12).view(2, 6)
     packed = {"input_ids": ids, "segment_ids": torch.tensor([[0, 0, 0, 1, 1, 1]] * 2), "labels": ids.clone()}
-    with pytest.raises(ConfigError, match="one row per process, not 2.*batch_size to 2") as e:
+    with pytest.raises(ConfigError, match="one row per sequence-parallel group, not 2.*batch_size to 2") as e:
         check_flash_rows(packed, Layout(dp=2, world=2))
     assert "\n" not in str(e.value)
     check_flash_rows({k: v[:1] for k, v in packed.items()}, Layout())

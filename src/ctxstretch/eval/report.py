@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import ConfigError
 from ..rundir import EvalDir, RunDir
 from .evidence import external_section, heldout_section, in_format_note
-from .html import markdown_to_html
+from .page import markdown_to_html
 from .plots import heatmap, loss_curves
 from .sections import comparison_table, parity_section, power_law_section, ruler_section, short_context_section
 from .suite import EvalResult

@@ -7,6 +7,7 @@ the model's own original window, and optionally lm-evaluation-harness tasks (the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ import numpy as np
 from ..config import ConfigError
 from ..data.readers import read_documents
 from ..data.sources import EMBEDDED, embedded_token_stream, tokenize_documents
-from .perplexity import token_losses
 
 LMEVAL_MISSING = "lm-evaluation-harness tasks need the lm_eval package: pip install 'ctxstretch[lmeval]'"
 
@@ -28,15 +28,17 @@ def short_text_stream(tokenizer, source: str = EMBEDDED, cache_dir: Path | None 
     return tokenize_documents(tokenizer, (d.text for d in read_documents(source)), eos)
 
 
-def short_context_loss(model, stream: np.ndarray, window: int, rows: int = 16, batch_size: int = 4,
-                       source: str = EMBEDDED) -> dict:
-    """Mean next-token loss (nats/token) over `rows` consecutive held-out rows of `window` tokens.
+def short_context_loss(losses_of: Callable[[np.ndarray, int, int], np.ndarray], stream: np.ndarray, window: int,
+                       rows: int = 16, source: str = EMBEDDED) -> dict:
+    """Mean next-token loss (nats/token) over `rows` consecutive held-out rows of `window` tokens;
+    `losses_of(stream, length, rows)` gives the per-token losses, shape (rows, length - 1)
+    (`perplexity.token_losses` of a model, or an engine's).
 
     Returns {"length": window, "rows": rows used, "tokens": tokens scored, "loss": nats/token, "source": ...}."""
     if len(stream) < window:
         raise ConfigError(f"short-context text '{source}' has {len(stream):,} tokens, fewer than one row of "
                           f"{window:,}; give more text")
-    losses = token_losses(model, stream, window, rows, batch_size)
+    losses = losses_of(stream, window, rows)
     return {"length": window, "rows": int(losses.shape[0]), "tokens": int(losses.size),
             "loss": float(losses.mean()), "source": str(source)}
 

@@ -8,7 +8,9 @@ tokenizer (or, for the short-context loss, a user source)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial as partial_fn
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,10 @@ from ..data.probes import ProbeBuilder
 from ..data.ruler import RulerBuilder
 from ..data.sources import embedded_token_stream
 from ..rundir import EvalDir
+from . import lmeval_ruler
 from .chat import chat_check
 from .heldout import heldout_scores
-from .lmeval_ruler import DEFAULT_LIMIT, run_ruler
+from .lmeval_ruler import DEFAULT_LIMIT
 from .lmeval_ruler import TASKS as RULER_TASKS
 from .passkey import Grid, retrieval_grid
 from .perplexity import default_buckets, loss_by_bucket, token_losses
@@ -161,12 +164,16 @@ class EvalResult:
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, cache_dir: Path | None = None,
-             progress: Progress | None = None, partial: Path | None = None) -> EvalResult:
+             progress: Progress | None = None, partial: Path | None = None,
+             losses_of: Callable[..., np.ndarray] | None = None) -> EvalResult:
     """Run the grids, the loss-by-position sweep and the short-context regression on `model` (already on its
-    device, in eval mode). partial: a file of finished held-out cells of this model (resumes a killed run)."""
+    device, in eval mode). partial: a file of finished held-out cells of this model (resumes a killed run).
+    losses_of(stream, length, rows, batch_size): per-token losses of `rows` rows of `length` tokens (default: this
+    model's, `perplexity.token_losses`; an inference engine gives its own prompt log-probabilities)."""
     in_process = [t for t in cfg.lm_eval_tasks if t not in RULER_TASKS]  # RULER runs in lm-eval's own venv
     if in_process:
         require_lm_eval()  # fail in the first second, not after the grids
+    losses_of = losses_of or partial_fn(token_losses, model)
     heldout = embedded_token_stream(tokenizer, "heldout", cache_dir)
     short_stream = heldout
     if cfg.short_rows and cfg.short_text != "embedded":
@@ -181,7 +188,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
     losses, buckets = None, {}
     if cfg.loss_rows:
         length = max(lengths)
-        losses = token_losses(model, heldout, length, cfg.loss_rows, batch_size=1)
+        losses = losses_of(heldout, length, cfg.loss_rows, 1)
         buckets = loss_by_bucket(losses, default_buckets(length, base_window))
     ruler = {}
     if cfg.ruler:
@@ -189,7 +196,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
                              seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
     short = None
     if cfg.short_rows:
-        short = short_context_loss(model, short_stream, base_window, cfg.short_rows, cfg.batch_size, cfg.short_text)
+        short = short_context_loss(partial_fn(losses_of, batch_size=cfg.batch_size), short_stream, base_window,
+                                   cfg.short_rows, cfg.short_text)
     lm = run_lm_eval(model, tokenizer, in_process, cfg.lm_eval_limit) if in_process else None
     chat = chat_check(model, tokenizer) if cfg.chat else None
     return EvalResult(passkey, needle, losses, buckets, base_window, ruler, short, lm, held, chat=chat)
@@ -204,5 +212,5 @@ def add_external(result: EvalResult, model_dir: Path, cfg: EvalConfig, lengths: 
         result.external_note = note
     elif tasks:
         limit = cfg.lm_eval_limit or DEFAULT_LIMIT
-        result.external = run_ruler(model_dir, tasks, lengths, limit, out_dir)
+        result.external = lmeval_ruler.run_ruler(model_dir, tasks, lengths, limit, out_dir)
         result.external_samples = limit

@@ -62,8 +62,8 @@ class VllmEngine:
                           VLLM_ALLOW_LONG_MAX_MODEL_LEN="1",  # probes beyond the configured window are the point
                           VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", NO_PROXY="127.0.0.1,localhost,::1",
                           no_proxy="127.0.0.1,localhost,::1")
-        with open(self.log_path, "w") as log:
-            self._proc = subprocess.Popen([*no_network_prefix(loopback=True), str(python), str(WORKER)],
+        with open(self.log_path, "w") as log:  # -P: this folder's modules (venv.py, …) must not shadow the stdlib
+            self._proc = subprocess.Popen([*no_network_prefix(loopback=True), str(python), "-P", str(WORKER)],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
                                           text=True, start_new_session=True)
         self.load_seconds = self._ask({"op": "load", "model": str(self.model_dir), "dtype": dtype,

@@ -16,17 +16,8 @@ import torch
 from rich.progress import Progress
 
 from ..config import ConfigError
-from ..data.probes import ProbeBuilder
-from ..data.ruler import RulerBuilder
-from ..data.sources import embedded_token_stream
-from .chat import chat_check
-from .heldout import heldout_scores
 from .lmeval_ruler import TASKS as RULER_TASKS
-from .passkey import retrieval_grid
-from .perplexity import default_buckets, loss_by_bucket
-from .ruler import ruler_scores
-from .short import short_text_stream
-from .suite import EvalConfig, EvalResult, doublings
+from .suite import EvalConfig, EvalResult, doublings, evaluate
 from .vllm_client import VllmEngine
 
 
@@ -124,37 +115,12 @@ def evaluate_vllm(engine: VllmEngine, tokenizer, cfg: EvalConfig, base_window: i
         raise ConfigError("--lm-eval-tasks with --backend vllm: lm-evaluation-harness tasks run in-process on the "
                           "transformers backend only (its RULER tasks run in their own environment either way)")
     vocab, eos = model_facts(engine.model_dir)
-    model = EngineLM(engine, vocab, eos)
-    heldout = embedded_token_stream(tokenizer, "heldout", cache_dir)
-    short_stream = heldout
-    if cfg.short_rows and cfg.short_text != "embedded":
-        short_stream = short_text_stream(tokenizer, cfg.short_text)
-    builder = ProbeBuilder(tokenizer, heldout)
-    lengths = cfg.lengths or doublings(base_window, target)
-    kw = dict(trials=cfg.trials, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
-    held = heldout_scores(model, tokenizer, lengths, tuple(cfg.heldout), tuple(cfg.heldout_depths),
-                          cfg.heldout_trials, cfg.seed, cfg.batch_size, progress, partial) if cfg.heldout else {}
-    passkey = retrieval_grid(model, builder, "passkey", lengths, cfg.depths, **kw)
-    needle = retrieval_grid(model, builder, "needle", lengths, cfg.depths, **kw) if cfg.needle else None
-    losses, buckets = None, {}
-    if cfg.loss_rows:
-        length = max(lengths)
-        losses = token_losses(engine, heldout, length, cfg.loss_rows)
-        buckets = loss_by_bucket(losses, default_buckets(length, base_window))
-    ruler = {}
-    if cfg.ruler:
-        ruler = ruler_scores(model, RulerBuilder(builder), lengths, tuple(cfg.ruler), trials=cfg.trials,
-                             seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
-    short = None
-    if cfg.short_rows:
-        if len(short_stream) < base_window:
-            raise ConfigError(f"short-context text '{cfg.short_text}' has {len(short_stream):,} tokens, fewer than "
-                              f"one row of {base_window:,}; give more text")
-        rows = token_losses(engine, short_stream, base_window, cfg.short_rows)
-        short = {"length": base_window, "rows": int(rows.shape[0]), "tokens": int(rows.size),
-                 "loss": float(rows.mean()), "source": str(cfg.short_text)}
-    chat = chat_check(model, tokenizer) if cfg.chat else None
-    return EvalResult(passkey, needle, losses, buckets, base_window, ruler, short, None, held, chat=chat)
+
+    def losses_of(stream: np.ndarray, length: int, rows: int, batch_size: int = 1) -> np.ndarray:
+        return token_losses(engine, stream, length, rows)  # the engine batches on its own
+
+    return evaluate(EngineLM(engine, vocab, eos), tokenizer, cfg, base_window, target, cache_dir, progress, partial,
+                    losses_of=losses_of)
 
 
 def evaluate_dir(model_dir: Path, cfg: EvalConfig, base_window: int, target: int, vllm_env_dir: Path | None = None,

@@ -47,7 +47,8 @@ def pipeline(p: LongRecipeParams, window: int) -> PipelineConfig:
 
 def claims(outs: dict, base, window: int, target: int) -> list[tuple[str, bool, str]]:
     """§5: LongRecipe reaches ≥ 95% of full-length training's long-context score in ≤ 35% of its cost (measured
-    here on the held-out families, time for cost), for the merged model and before replay/merge."""
+    here on the held-out families; cost = estimated training FLOPs, which a shared machine's wall time would blur —
+    wall time shown beside), for the merged model and before replay/merge."""
     lr, full = outs.get("longrecipe"), outs.get("full")
     if not (lr and full):
         return []
@@ -56,8 +57,9 @@ def claims(outs: dict, base, window: int, target: int) -> list[tuple[str, bool, 
     for label, res in (("merged", None), ("before replay/merge", lr.stage_results.get("extend"))):
         mine = lr.at("heldout", target, res) or 0.0
         ratio = mine / f if f else float("inf") if mine else 1.0
+        cost = lr.flops / full.flops if full.flops else 0.0
         time_ratio = lr.wall_s / full.wall_s if full.wall_s else 0.0
         checks.append((f"LongRecipe ({label}) reaches ≥ 95% of full-length held-out retrieval @ {target:,} "
-                       "in ≤ 35% of its wall time", ratio >= 0.95 and time_ratio <= 0.35,
-                       f"{mine:.0%} vs {f:.0%} ({ratio:.0%}); time {time_ratio:.0%}"))
+                       "in ≤ 35% of its training FLOPs", ratio >= 0.95 and cost <= 0.35,
+                       f"{mine:.0%} vs {f:.0%} ({ratio:.0%}); FLOPs {cost:.0%} (wall time {time_ratio:.0%})"))
     return checks

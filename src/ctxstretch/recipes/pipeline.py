@@ -148,13 +148,13 @@ class Run:
         state = distributed_state(device)
         main = state.is_main_process
         check_backend(cfg.eval.backend)  # a missing vLLM environment fails before anything is written
+        tokenizer = load_tokenizer(str(path))
+        evaluated = Evaluator(cfg, tokenizer, window, device, run.cache, console)  # lm-eval's environment, too
         if main:
             prepare_out(run.root, self.saved_config, self.resume, self.force)
         barrier(device)
         console.print(f"[bold]{cfg.name}[/] {path}: window {window:,} → {cfg.target:,}, rope {cfg.rope.method}, "
                       f"stages: {', '.join(f'{s.name} ({s.kind})' for s in cfg.stages)}")
-        tokenizer = load_tokenizer(str(path))
-        evaluated = Evaluator(cfg, tokenizer, window, device, run.cache, console)
         loaded = dict(trust_remote_code=cfg.trust_remote_code, allow_bin=cfg.allow_bin)
         results: dict[str, EvalResult] = {}
         if main:
