@@ -1,7 +1,8 @@
 """GPU readiness check for memory-linear long rows, one table: FA2 varlen (the training step's flattened rows with
 `cu_seq_lens` from segment ids, position gaps) against sdpa per-document attention, the chunked LM-head loss
-against the plain loss, and bf16 training steps of a ~1B Llama-shaped model (random init, no downloads)
-at 8K and 32K tokens — tokens/s and `torch.cuda.max_memory_allocated`.
+against the plain loss, bf16 training steps of a ~1B Llama-shaped model (random init, no downloads) at 8K and
+32K tokens — tokens/s, MFU against the card's dense bf16 peak, `torch.cuda.max_memory_allocated` against
+`ctxstretch plan`'s estimate — and the longest row one training step fits, by doubling then bisection.
 
     bash bench/gpu_check.sh [--dry-run]        # or: PYTHONPATH=src python bench/gpu_check.py [--dry-run]
 
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from ctxstretch.masking import attention_inputs, use_document_attention  # noqa: E402
+from ctxstretch.plan import GPUS, Shape, flops_per_token, memory_for  # noqa: E402
 from ctxstretch.train.loop import param_groups  # noqa: E402
 from ctxstretch.train.loss import chunked_weighted_loss, final_hidden, token_weights, weighted_loss  # noqa: E402
 from ctxstretch.train.parallel import Layout, local_batch  # noqa: E402
@@ -50,6 +52,23 @@ class Sizes:
 
 GPU = Sizes(2048, 5632, 22, 32, 4, 32000, (8192, 32768), 4096, 3)
 DRY = Sizes(64, 128, 2, 4, 2, 512, (256, 512), 256, 2)
+LONGEST_BUDGET_S = {"cuda": 120.0, "cpu": 20.0}  # the bisection's share of the check's 8 minutes
+LONGEST_CAP = {"cuda": 1 << 18, "cpu": 2048}  # stop doubling here (a 256K step of the 1B model: ~1.5 min)
+
+
+def shape_of(s: Sizes) -> Shape:
+    """`ctxstretch plan`'s view of the check's model."""
+    return Shape(hidden=s.hidden, layers=s.layers, heads=s.heads, kv_heads=s.kv_heads, head_dim=s.hidden // s.heads,
+                 intermediate=s.ffn, vocab=s.vocab, tied=False, window=65536)
+
+
+def peak_flops(device: str) -> float | None:
+    """The card's dense bf16 peak (FLOP/s) from `ctxstretch plan`'s table, matched by name; None off a GPU."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name().lower()
+    card = next((g for key, g in GPUS.items() if key.split("-")[0] in name), GPUS["h100"])
+    return card.bf16_tflops * 1e12
 
 
 def llama(s: Sizes, device: str, layers: int | None = None, attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
@@ -120,41 +139,83 @@ def check_loss(s: Sizes, device: str) -> tuple[str, str, str]:
     return "chunked vs plain loss (fp32)", f"loss rel Δ {rel:.1e}, max grad rel Δ {grad:.1e}", "ok" if ok else "FAIL"
 
 
+def train_step(s: Sizes, model: LlamaForCausalLM, opt: torch.optim.Optimizer, row: dict, device: str) -> None:
+    """One bf16-autocast training step on `row`, as `train_stage` takes it (batch split, attention inputs,
+    chunked loss, clipping, AdamW)."""
+    b = local_batch(row, Layout(), device)
+    inputs = {"input_ids": b["input_ids"], "position_ids": b["position_ids"],
+              **attention_inputs(model, b["segment_ids"], b["labels"])}
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = chunked_weighted_loss(model.lm_head, final_hidden(model, **inputs), b["shift_labels"], b["weights"])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def step_rate(s: Sizes, model: LlamaForCausalLM, opt: torch.optim.Optimizer, length: int, docs: int,
               device: str) -> tuple[str, str, str]:
-    """bf16 autocast training steps on one row: tokens/s over `s.steps` steps after one warm-up, peak memory."""
+    """bf16 autocast training steps on one row: tokens/s over `s.steps` steps after one warm-up, MFU, peak memory
+    against `plan.memory_for` (fp32 master weights, no checkpointing, one GPU)."""
     row = {k: v.cpu() for k, v in packed_row(length, s.vocab, docs, 0, "cpu").items()}
     cuda = device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-    def step() -> None:
-        b = local_batch(row, Layout(), device)
-        inputs = {"input_ids": b["input_ids"], "position_ids": b["position_ids"],
-                  **attention_inputs(model, b["segment_ids"], b["labels"])}
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = chunked_weighted_loss(model.lm_head, final_hidden(model, **inputs), b["shift_labels"],
-                                         b["weights"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
+    train_step(s, model, opt, row, device)
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(s.steps):
-        step()
+        train_step(s, model, opt, row, device)
     if cuda:
         torch.cuda.synchronize()
     rate = length * s.steps / (time.perf_counter() - t0)
-    peak = f", peak {torch.cuda.max_memory_allocated() / GB:.1f} GiB" if cuda else ""
+    peak = peak_flops(device)
+    mfu = f", MFU {rate * flops_per_token(shape_of(s), length) / peak:.0%}" if peak else ""
+    mem = ""
+    if cuda:
+        used = torch.cuda.max_memory_allocated() / 1e9
+        planned = memory_for(shape_of(s), length, 1, "fp32", False, False, 1)["total_gb"]
+        mem = f", peak {used:.1f} GB vs plan {planned:.1f} GB ({planned / used:.2f})"
     params = sum(p.numel() for p in model.parameters())
     size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
     name = f"bf16 step, {size} Llama, T={length:,}, {docs} doc(s)"
-    return name, f"{rate:,.0f} tok/s{peak}", "ok"
+    return name, f"{rate:,.0f} tok/s{mfu}{mem}", "ok"
+
+
+def fits(s: Sizes, model: LlamaForCausalLM, opt: torch.optim.Optimizer, length: int, device: str) -> bool:
+    """Whether one training step on a one-document row of `length` tokens fits in memory."""
+    row = {k: v.cpu() for k, v in packed_row(length, s.vocab, 1, 0, "cpu").items()}
+    try:
+        train_step(s, model, opt, row, device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        opt.zero_grad(set_to_none=True)
+        return False
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def longest_row(s: Sizes, model: LlamaForCausalLM, opt: torch.optim.Optimizer, device: str
+                ) -> tuple[str, str, str]:
+    """The longest one-document row a training step fits: double from the longest step length until a step runs
+    out of memory (or the cap, or the time budget), then bisect to 1/16 of the last length that fit."""
+    t0, budget, cap = time.perf_counter(), LONGEST_BUDGET_S[device], LONGEST_CAP[device]
+    ok, bad = max(s.step_lengths), None
+    while ok * 2 <= cap and time.perf_counter() - t0 < budget:
+        if not fits(s, model, opt, ok * 2, device):
+            bad = ok * 2
+            break
+        ok *= 2
+    while bad is not None and bad - ok > ok // 16 and time.perf_counter() - t0 < budget:
+        mid = (ok + bad) // 2
+        ok, bad = (mid, bad) if fits(s, model, opt, mid, device) else (ok, mid)
+    bound = f"< {bad:,}" if bad is not None else f"≥ cap {cap:,}" if ok * 2 > cap else "time budget spent"
+    planned = memory_for(shape_of(s), ok, 1, "fp32", False, False, 1)["total_gb"]
+    return ("longest trainable row (1 doc, no checkpointing)",
+            f"{ok:,} tokens ({bound}); plan at that length: {planned:.1f} GB", "ok")
 
 
 def main() -> None:
@@ -165,23 +226,29 @@ def main() -> None:
     s = GPU if device == "cuda" else DRY
     t0 = time.perf_counter()
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU dry run (tiny sizes)"
-    print(f"{where}; torch {torch.__version__}\n", flush=True)
-    results = [check_fa2(s, device), check_loss(s, device)]
+    print(f"{where}; torch {torch.__version__}\n\n| check | result | status |\n|---|---|---|", flush=True)
+    failed = False
+
+    def report(row: tuple[str, str, str]) -> None:  # each row as it is measured: a timeout keeps what ran
+        nonlocal failed
+        failed |= row[2] == "FAIL"
+        print(f"| {row[0]} | {row[1]} | {row[2]} |", flush=True)
+
+    report(check_fa2(s, device))
+    report(check_loss(s, device))
     model = llama(s, device).train()
     use_document_attention(model)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-5, fused=device == "cuda")
     for length in s.step_lengths:
         for docs in (1, 2):
             try:
-                results.append(step_rate(s, model, opt, length, docs, device))
+                report(step_rate(s, model, opt, length, docs, device))
             except torch.cuda.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)
-                results.append((f"bf16 step, T={length:,}, {docs} doc(s)", "out of memory", "FAIL"))
-    print("| check | result | status |\n|---|---|---|")
-    for name, value, status in results:
-        print(f"| {name} | {value} | {status} |")
+                report((f"bf16 step, T={length:,}, {docs} doc(s)", "out of memory", "FAIL"))
+    report(longest_row(s, model, opt, device))
     print(f"\n{time.perf_counter() - t0:.0f} s")
-    if any(status == "FAIL" for *_, status in results):
+    if failed:
         raise SystemExit(1)
 
 
