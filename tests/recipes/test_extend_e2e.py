@@ -62,7 +62,7 @@ def test_config_yaml_reruns_the_same_settings(run_dir):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     again, _ = resolve_extend(extend_config(run_dir / "config.yaml"))
     assert again.model_dump(mode="json") == saved
-    assert saved["target"] == 1024 and saved["train"]["steps"] == 4 and saved["train_length"] == 307
+    assert saved["target"] == 1024 and saved["train"]["steps"] == 4 and saved["train_length"] == 512
 
 
 def test_model_loads_and_generates_without_ctxstretch(run_dir):

@@ -270,7 +270,8 @@ def test_each_recipe_checks_its_own_claims():
 
     def outcome(held: float, wall: float, far_loss: float, stages=None):
         return SimpleNamespace(at=lambda kind, n, r=None: r.held if r is not None else held, wall_s=wall,
-                               flops=wall * 1e9, stage_results=stages or {}, result=SimpleNamespace(buckets={"2048-4096": far_loss}))
+                               flops=wall * 1e9, stage_results=stages or {},
+                               result=SimpleNamespace(buckets={"2048-4096": far_loss}))
 
     base = SimpleNamespace(buckets={"2048-4096": 5.0})
     outs = {"longrecipe": outcome(0.5, 30, 2.0, {"extend": SimpleNamespace(held=0.6)}),

@@ -30,7 +30,8 @@ def extend(
                                                    "(default: the model's kind)")] = None,
     text_field: Annotated[str, typer.Option(help="text column of jsonl/parquet/arrow sources")] = "text",
     steps: Annotated[int | None, typer.Option(help="training steps (0: training-free)")] = None,
-    train_length: Annotated[int, typer.Option(help="tokens per training row (0: 0.3x target)")] = 0,
+    train_length: Annotated[int, typer.Option(help="tokens per training row (0: 0.3x target, 0.5x for the "
+                                              "embedded model)")] = 0,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank via peft (0: full fine-tuning)")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
