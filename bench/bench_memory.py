@@ -1,7 +1,10 @@
-"""Peak memory of ONE training step per token, against the row length: the embedded model, one `train_stage` step
-(forward + backward + AdamW, default settings: bf16 autocast, sdpa) on one row, each cell in a fresh process.
+"""Peak memory of ONE training step per token, against the row length: a model (default the embedded one), one
+`train_stage` step (forward + backward + AdamW, default settings: bf16 autocast, sdpa) on one row, each cell in a
+fresh process.
 
     nice -n 10 python bench/bench_memory.py [--lengths 4096,8192,16384,32768,65536] [--kinds one,packed,padded]
+    nice -n 10 python bench/bench_memory.py --model ~/.cache/ctxstretch/smollm2/model --checkpointing \
+        --lengths 4096,8192,16384,32768 --kinds one
 
 Row kinds: `one` — one document over the whole row; `packed` — `--docs` documents (default 2) packed in the row,
 positions restarting per document; `padded` — an SFT row: one document over half the row with the loss on its
@@ -56,13 +59,14 @@ def make_row(kind: str, length: int, vocab: int, docs: int = 2, seed: int = 0) -
             {"input_ids": ids, "labels": labels, "segment_ids": seg, "position_ids": pos}.items()}
 
 
-def cell(kind: str, length: int, docs: int, threads: int) -> dict[str, float]:
+def cell(kind: str, length: int, docs: int, threads: int, model_dir: str = "embedded",
+         checkpointing: bool = False) -> dict[str, float]:
     """Run one step in this process; return peak RSS, RSS before the step and wall seconds."""
     torch.set_num_threads(threads)
-    model, _ = load(resolve("embedded"))
+    model, _ = load(resolve(model_dir))
     row = make_row(kind, length, model.config.vocab_size, docs)
     cfg = TrainConfig(steps=1, batch_size=1, lr=1e-4, warmup_steps=0, log_every=1, checkpoint_every=10_000,
-                      device="cpu")
+                      device="cpu", gradient_checkpointing=checkpointing)
     before = rss()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ctxstretch-mem-") as run:
@@ -79,23 +83,28 @@ def main() -> None:
     ap.add_argument("--kinds", default="one,packed,padded")
     ap.add_argument("--docs", type=int, default=2, help="documents per packed row")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    ap.add_argument("--model", default="embedded", help="a local model directory, or 'embedded'")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (a real model's "
+                    "default for rows past its window)")
     ap.add_argument("--cell", nargs=2, metavar=("KIND", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
-        print(json.dumps(cell(args.cell[0], int(args.cell[1]), args.docs, args.threads)))
+        print(json.dumps(cell(args.cell[0], int(args.cell[1]), args.docs, args.threads, args.model,
+                              args.checkpointing)))
         return
 
     lengths = [int(x) for x in args.lengths.split(",")]
     kinds = args.kinds.split(",")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{datetime.date.today().isoformat()}; embedded model, one train_stage step, batch 1, bf16 autocast, "
-          f"{args.docs} documents per packed row\n")
+          f"{datetime.date.today().isoformat()}; model {args.model}, one train_stage step, batch 1, bf16 autocast, "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, {args.docs} documents per packed row\n")
     print("| row kind | T | peak RSS (MB) | step (MB) | step bytes/token | peak bytes/token | s | loss |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for kind in kinds:
         for t in lengths:  # one cell at a time, each in a fresh process
             cmd = [sys.executable, __file__, "--cell", kind, str(t), "--docs", str(args.docs),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--model", args.model,
+                   *(["--checkpointing"] if args.checkpointing else [])]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(f"| {kind} | {t:,} | failed (rc {done.returncode}) | | | | | |", flush=True)
