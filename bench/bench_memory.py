@@ -4,7 +4,7 @@ fresh process.
 
     nice -n 10 python bench/bench_memory.py [--lengths 4096,8192,16384,32768,65536] [--kinds one,packed,padded]
     nice -n 10 python bench/bench_memory.py --model ~/.cache/ctxstretch/smollm2/model --checkpointing \
-        --lengths 4096,8192,16384,32768 --kinds one --mmap-threshold 65536
+        --lengths 4096,8192,16384 --kinds one --mmap-threshold 65536 --steps 2
 
 `--mmap-threshold N` starts each cell with glibc's `MALLOC_MMAP_THRESHOLD_=N` (and `MALLOC_TRIM_THRESHOLD_=0`):
 allocations of N bytes or more are mmapped and go back to the OS when freed. Without it glibc raises the threshold
@@ -66,12 +66,12 @@ def make_row(kind: str, length: int, vocab: int, docs: int = 2, seed: int = 0) -
 
 
 def cell(kind: str, length: int, docs: int, threads: int, model_dir: str = "embedded",
-         checkpointing: bool = False) -> dict[str, float]:
+         checkpointing: bool = False, steps: int = 1) -> dict[str, float]:
     """Run one step in this process; return peak RSS, RSS before the step and wall seconds."""
     torch.set_num_threads(threads)
     model, _ = load(resolve(model_dir))
     row = make_row(kind, length, model.config.vocab_size, docs)
-    cfg = TrainConfig(steps=1, batch_size=1, lr=1e-4, warmup_steps=0, log_every=1, checkpoint_every=10_000,
+    cfg = TrainConfig(steps=steps, batch_size=1, lr=1e-4, warmup_steps=0, log_every=1, checkpoint_every=10_000,
                       device="cpu", gradient_checkpointing=checkpointing)
     before = rss()
     t0 = time.perf_counter()
@@ -92,19 +92,22 @@ def main() -> None:
     ap.add_argument("--model", default="embedded", help="a local model directory, or 'embedded'")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (a real model's "
                     "default for rows past its window)")
+    ap.add_argument("--steps", type=int, default=1, help="training steps per cell: 2 measures the steady state, "
+                    "where AdamW's state (allocated at the first step) is alive during the backward")
     ap.add_argument("--mmap-threshold", type=int, default=0, help="start each cell with glibc's "
                     "MALLOC_MMAP_THRESHOLD_ set to this many bytes (0: glibc's default, dynamic)")
     ap.add_argument("--cell", nargs=2, metavar=("KIND", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
         print(json.dumps(cell(args.cell[0], int(args.cell[1]), args.docs, args.threads, args.model,
-                              args.checkpointing)))
+                              args.checkpointing, args.steps)))
         return
 
     lengths = [int(x) for x in args.lengths.split(",")]
     kinds = args.kinds.split(",")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{datetime.date.today().isoformat()}; model {args.model}, one train_stage step, batch 1, bf16 autocast, "
+          f"{datetime.date.today().isoformat()}; model {args.model}, {args.steps} train_stage step(s), batch 1, "
+          "bf16 autocast, "
           f"checkpointing {'on' if args.checkpointing else 'off'}, {args.docs} documents per packed row, "
           f"glibc mmap threshold {args.mmap_threshold or 'default'}\n")
     print("| row kind | T | peak RSS (MB) | step (MB) | step bytes/token | peak bytes/token | s | loss |")
@@ -112,7 +115,7 @@ def main() -> None:
     for kind in kinds:
         for t in lengths:  # one cell at a time, each in a fresh process
             cmd = [sys.executable, __file__, "--cell", kind, str(t), "--docs", str(args.docs),
-                   "--threads", str(args.threads), "--model", args.model,
+                   "--threads", str(args.threads), "--model", args.model, "--steps", str(args.steps),
                    *(["--checkpointing"] if args.checkpointing else [])]
             env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold), "MALLOC_TRIM_THRESHOLD_": "0"}
                                     if args.mmap_threshold else {})}
