@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from ctxstretch.cli import app
 from ctxstretch.data import builders
 from ctxstretch.data import datasets as dsets
 from ctxstretch.data.impactful import (
@@ -32,6 +30,7 @@ from ctxstretch.data.records import DataError
 from ctxstretch.data.ruler import RulerBuilder, probe_examples
 from ctxstretch.data.selfinstruct import QAWriter, chunk_spans, generate_qas, parse_qa, plan_questions, selfinstruct_row
 from ctxstretch.data.sentences import BoundaryVocab
+from tests.data.test_data import _cli
 
 FAST = settings(max_examples=50, deadline=None)
 SENTENCES = ["The cat sat on the mat.", " It has 3 legs.", " Dogs bark loudly.", " In 1999 it rained.",
@@ -228,14 +227,6 @@ def test_training_probes_never_repeat_an_evaluation_item(tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------- cache, CLI
-runner = CliRunner()
-
-
-def _cli(*args):
-    result = runner.invoke(app, ["data", *map(str, args)])
-    return result.exit_code, result.output
-
-
 def _corpus(tmp_path):
     src = tmp_path / "docs"
     src.mkdir()
