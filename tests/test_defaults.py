@@ -143,7 +143,9 @@ def test_presets_derive_their_settings_for_a_pretrained_model(shaped_dir):
 def test_checkpointing_is_on_past_the_base_window_for_pretrained_models_only(shaped_dir):
     """Activation checkpointing follows the row length against the model's original window; the embedded model
     keeps its tuned setting (off) at any length; `derive` and the presets path apply the same rule."""
-    from ctxstretch.defaults import base_window, derive
+    from ctxstretch.defaults import derive
+    from ctxstretch.models import load_config
+    from ctxstretch.rope import original_window
 
     within = train_defaults(params=135_000_000, embedded=False, train_length=4096, device="cuda", window=8192)
     past = train_defaults(params=135_000_000, embedded=False, train_length=9830, device="cuda", window=8192)
@@ -151,16 +153,16 @@ def test_checkpointing_is_on_past_the_base_window_for_pretrained_models_only(sha
     assert past.gradient_checkpointing and "checkpointing on" in past.rule and "8,192-token window" in past.rule
     emb = train_defaults(params=4_500_000, embedded=True, train_length=65536, device="cpu", window=256)
     assert not emb.gradient_checkpointing and "no activation checkpointing" in emb.rule
-    assert base_window(str(shaped_dir)) == 8192
+    assert original_window(load_config(shaped_dir)) == 8192
     config = json.loads((shaped_dir / "config.json").read_text())
     config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
                                  "rope_theta": 1e5}
     (shaped_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}))
-    assert base_window(str(shaped_dir)) == 2048  # an earlier scaling's original window
+    assert original_window(load_config(shaped_dir)) == 2048  # an earlier scaling's original window
     (shaped_dir / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
-    fill, rule = derive(str(shaped_dir), 4096, "cuda", {}, False)
+    fill, rule = derive(str(shaped_dir), 4096, "cuda", {}, False, 8192)
     assert fill["gradient_checkpointing"] is False and "4,096-token rows within" in rule
-    fill, _ = derive(str(shaped_dir), 4096, "cuda", {"gradient_checkpointing": True}, False)
+    fill, _ = derive(str(shaped_dir), 4096, "cuda", {"gradient_checkpointing": True}, False, 8192)
     assert "gradient_checkpointing" not in fill  # what the user set wins
     from ctxstretch.recipes import expand, read_spec, recipe_params
 

@@ -12,7 +12,7 @@ The rule (printed at the start of every `extend`):
   (LongRecipe trains on ~30% of a full-length run's tokens: this is that order), on a CPU what fits in two hours at
   40% of this machine's measured bf16 matmul peak (`hardware.matmul_peak`), at least 10. Warm-up: 5% of the steps, at
   least 2. Activation checkpointing on whenever the training rows are longer than the model's original window
-  (`base_window`: activations grow with the row, weights do not), off for rows within it.
+  (`rope.original_window`: activations grow with the row, weights do not), off for rows within it.
 - **Precision**: bf16 autocast where the hardware has native bf16 (a CUDA GPU that reports it, a CPU whose oneDNN
   build reports bf16 support), fp32 elsewhere. Weights stay fp32 under autocast (the optimizer's master copy).
 
@@ -98,17 +98,6 @@ def train_defaults(*, params: int, embedded: bool, train_length: int, device: st
     return TrainDefaults(lr, warmup, rows, steps, ckpt, precision, rule)
 
 
-def base_window(model: str) -> int:
-    """The model's original window in tokens, from its config.json: the rope's `original_max_position_embeddings`
-    when an earlier scaling recorded it, else `max_position_embeddings` (0 when neither is there)."""
-    from .models import read_json, resolve
-
-    raw = read_json(resolve(model) / "config.json")
-    raw = raw.get("text_config", raw)
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    return int(rope.get("original_max_position_embeddings") or raw.get("max_position_embeddings") or 0)
-
-
 def warmup_for(steps: int, embedded: bool) -> int:
     """Warm-up steps: the embedded model's 20 (at most a tenth of its steps); 5% of the steps, at least 2."""
     if embedded:
@@ -131,17 +120,16 @@ def cpu_step_seconds(flops_per_token: float, length: int, checkpointing: bool, p
     return flops_per_token * length * (4 / 3 if checkpointing else 1) / (CPU_PEAK_SHARE * peak_flops)
 
 
-def derive(model: str, train_length: int, device: str, given: dict, embedded: bool,
+def derive(model: str, train_length: int, device: str, given: dict, embedded: bool, window: int,
            saved: dict | None = None) -> tuple[dict, str]:
     """The DERIVED settings `given` leaves unset (None, or "auto" precision): {field: value} and the rule used.
-    saved: the values an earlier run of the same directory derived (kept on resume: a CPU's measured speed
-    varies)."""
+    window: the model's original window (`rope.original_window`), which decides activation checkpointing. saved:
+    the values an earlier run of the same directory derived (kept on resume: a CPU's measured speed varies)."""
     unset = [k for k in DERIVED if given.get(k) in (None, "auto")]
     kept = {k: saved[k] for k in unset if saved and saved.get(k) not in (None, "auto")}
     if not set(unset) - set(kept):
         return kept, "kept from the run's config.yaml"
     shape = read_shape(model)
-    window = base_window(model)
     step_s = None
     if device == "cpu" and not embedded and "steps" in unset:
         ckpt = given.get("gradient_checkpointing")

@@ -46,7 +46,8 @@ class RecipeParams(RunSettings):
         embedded = self.model == "embedded"
         target = self.target or default_target(window)
         given = self.model_dump()
-        fill, rule = derive(self.model, self.main_length(target), resolve_device(self.device), given, embedded)
+        fill, rule = derive(self.model, self.main_length(target), resolve_device(self.device), given, embedded,
+                            window)
         fill |= {"mix": self.mix or dict(BASE_MIX if embedded else PRETRAINED_MIX),
                  "text": self.text or ["embedded" if embedded else "stdlib"]}
         return self.model_copy(update=fill), rule

@@ -125,7 +125,7 @@ def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tupl
     cfg = cfg.model_copy(update={"mix": cfg.mix or dict(DEFAULT_MIX if embedded else PRETRAINED_MIX),
                                  "text": cfg.text or ["embedded" if embedded else "stdlib"]})
     t = cfg.train
-    fill, rule = derive(cfg.model, cfg.train_length, resolve_device(t.device), t.model_dump(), embedded,
+    fill, rule = derive(cfg.model, cfg.train_length, resolve_device(t.device), t.model_dump(), embedded, window,
                         saved.train.model_dump() if saved is not None else None)
     cfg = cfg.model_copy(update={"train": t.model_copy(update=fill)})
     if not embedded and not cfg.eval.model_fields_set & {"precision", "heldout_trials", "trials"}:
