@@ -130,7 +130,7 @@ def test_eval_runs_an_lm_eval_ruler_task_offline(tmp_path):
 def test_extend_runs_lm_eval_ruler_on_each_saved_model(tmp_path, micro_model_dir, monkeypatch):
     """RULER tasks in `eval.lm_eval_tasks` run on the base and the saved extended model, into each report."""
     from ctxstretch import extend
-    from ctxstretch.recipes import pipeline
+    from ctxstretch.eval import lmeval_ruler
     from ctxstretch.recipes.extend import ExtendConfig
 
     seen = []
@@ -139,8 +139,8 @@ def test_extend_runs_lm_eval_ruler_on_each_saved_model(tmp_path, micro_model_dir
         seen.append((Path(model_dir), tuple(tasks), tuple(lengths), limit))
         return {t: {n: 0.5 for n in lengths} for t in tasks}
 
-    monkeypatch.setattr(pipeline.lmeval_ruler, "run_ruler", fake_run_ruler)
-    monkeypatch.setattr(pipeline.lmeval_ruler, "ensure_env", lambda: Path(sys.executable))  # built up front
+    monkeypatch.setattr(lmeval_ruler, "run_ruler", fake_run_ruler)
+    monkeypatch.setattr(lmeval_ruler, "ensure_env", lambda: Path(sys.executable))  # built up front
     cfg = ExtendConfig(model=str(micro_model_dir), target=512, train_length=64, mix={"text": 1.0},
                        train={"steps": 1, "batch_size": 1, "device": "cpu"},
                        eval={"lengths": [256], "depths": [0.5], "trials": 1, "needle": False, "loss_rows": 0,

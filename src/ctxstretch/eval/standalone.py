@@ -25,23 +25,19 @@ def evaluate_model(model: str, out: Path, cfg: EvalConfig, *, backend: str = "tr
     from ..models import load, load_config, resolve
     from ..rope import original_window
     from ..train.parallel import resolve_device
-    from . import lmeval_ruler
     from .backend import check_backend
     from .short import require_lm_eval
-    from .suite import add_external, evaluate, standalone_lengths
+    from .suite import add_external, evaluate, prepare_external, standalone_lengths
 
     console = console or Console(stderr=True)
-    external = [t for t in cfg.lm_eval_tasks if t in lmeval_ruler.TASKS]  # run in lm-eval's own environment
-    in_process = [t for t in cfg.lm_eval_tasks if t not in lmeval_ruler.TASKS]
     check_backend(backend, vllm_env)  # missing extras fail in the first second
-    if in_process:
+    if cfg.in_process_tasks:
         require_lm_eval()
     path = resolve(model)
     window = original_window(load_config(path, trust_remote_code))
     lengths = cfg.lengths or standalone_lengths(window)
-    ruler_lengths = cfg.lm_eval_lengths or lengths
-    note = lmeval_ruler.prepare(external, ruler_lengths, cfg.lm_eval_optional) if external else None
-    full, cfg = cfg, cfg.model_copy(update={"lengths": lengths, "lm_eval_tasks": in_process})
+    ruler_lengths, note = prepare_external(cfg, lengths)
+    full, cfg = cfg, cfg.model_copy(update={"lengths": lengths, "lm_eval_tasks": cfg.in_process_tasks})
     check_out_dir(out, force)
     shutil.rmtree(out, ignore_errors=True)
     if backend == "vllm":
@@ -54,8 +50,9 @@ def evaluate_model(model: str, out: Path, cfg: EvalConfig, *, backend: str = "tr
         m, tok = load(path, resolve_device(device), trust_remote_code)
         with Progress(console=console) as progress:
             result = evaluate(m, tok, cfg, window, max(lengths), None, progress)
-    if external and note is None:
-        console.print(f"lm-eval RULER: {', '.join(external)} at {ruler_lengths} (its own environment, offline)")
+    if full.ruler_tasks and note is None:
+        console.print(f"lm-eval RULER: {', '.join(full.ruler_tasks)} at {ruler_lengths} (its own environment, "
+                      "offline)")
     add_external(result, path, full, ruler_lengths, out / "lm-eval", note)
     result.save(out)
     return write_report(out, f"ctxstretch eval: {model}", [f"- window {window:,}; lengths {lengths}"],

@@ -69,6 +69,16 @@ class EvalConfig(Strict):
                          "vllm`), which also checks the final model's rope parity between the two")
     seed: int = 0
 
+    @property
+    def ruler_tasks(self) -> list[str]:
+        """lm-eval's corpus-free RULER tasks among `lm_eval_tasks`: they run in lm-eval's own environment."""
+        return [t for t in self.lm_eval_tasks if t in RULER_TASKS]
+
+    @property
+    def in_process_tasks(self) -> list[str]:
+        """The other lm-eval tasks: run in this process on the model (the [lmeval] extra)."""
+        return [t for t in self.lm_eval_tasks if t not in RULER_TASKS]
+
     @field_validator("heldout")
     @classmethod
     def _known_families(cls, names: list[str]) -> list[str]:
@@ -170,7 +180,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
     device, in eval mode). partial: a file of finished held-out cells of this model (resumes a killed run).
     losses_of(stream, length, rows, batch_size): per-token losses of `rows` rows of `length` tokens (default: this
     model's, `perplexity.token_losses`; an inference engine gives its own prompt log-probabilities)."""
-    in_process = [t for t in cfg.lm_eval_tasks if t not in RULER_TASKS]  # RULER runs in lm-eval's own venv
+    in_process = cfg.in_process_tasks  # RULER runs in lm-eval's own venv
     if in_process:
         require_lm_eval()  # fail in the first second, not after the grids
     losses_of = losses_of or partial_fn(token_losses, model)
@@ -203,14 +213,22 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
     return EvalResult(passkey, needle, losses, buckets, base_window, ruler, short, lm, held, chat=chat)
 
 
+def prepare_external(cfg: EvalConfig, lengths: list[int]) -> tuple[list[int], str | None]:
+    """Before any model is evaluated: the lengths of lm-eval's RULER tasks (`cfg.lm_eval_lengths`, else the
+    evaluation's `lengths`), with their environment made ready, and why they cannot run when they are optional and
+    it cannot be built (None otherwise)."""
+    ruler_lengths = cfg.lm_eval_lengths or lengths
+    tasks = cfg.ruler_tasks
+    return ruler_lengths, lmeval_ruler.prepare(tasks, ruler_lengths, cfg.lm_eval_optional) if tasks else None
+
+
 def add_external(result: EvalResult, model_dir: Path, cfg: EvalConfig, lengths: list[int], out_dir: Path,
                  note: str | None = None) -> None:
-    """lm-eval's RULER scores of the model saved at `model_dir` into `result` (its tasks among
-    `cfg.lm_eval_tasks`, at `lengths`), or `note`: why they could not run."""
-    tasks = [t for t in cfg.lm_eval_tasks if t in RULER_TASKS]
+    """lm-eval's RULER scores of the model saved at `model_dir` into `result` (`cfg.ruler_tasks` at `lengths`), or
+    `note`: why they could not run (`prepare_external`)."""
     if note is not None:
         result.external_note = note
-    elif tasks:
+    elif cfg.ruler_tasks:
         limit = cfg.lm_eval_limit or DEFAULT_LIMIT
-        result.external = lmeval_ruler.run_ruler(model_dir, tasks, lengths, limit, out_dir)
+        result.external = lmeval_ruler.run_ruler(model_dir, cfg.ruler_tasks, lengths, limit, out_dir)
         result.external_samples = limit

@@ -16,7 +16,6 @@ import torch
 from rich.progress import Progress
 
 from ..config import ConfigError
-from .lmeval_ruler import TASKS as RULER_TASKS
 from .suite import EvalConfig, EvalResult, doublings, evaluate
 from .vllm_client import VllmEngine
 
@@ -111,7 +110,7 @@ def evaluate_vllm(engine: VllmEngine, tokenizer, cfg: EvalConfig, base_window: i
                   cache_dir: Path | None = None, progress: Progress | None = None,
                   partial: Path | None = None) -> EvalResult:
     """`suite.evaluate` on `engine` (the model's tokenizer builds the probes here)."""
-    if [t for t in cfg.lm_eval_tasks if t not in RULER_TASKS]:  # lm-eval's RULER runs in its own venv either way
+    if cfg.in_process_tasks:  # lm-eval's RULER runs in its own venv either way
         raise ConfigError("--lm-eval-tasks with --backend vllm: lm-evaluation-harness tasks run in-process on the "
                           "transformers backend only (its RULER tasks run in their own environment either way)")
     vocab, eos = model_facts(engine.model_dir)

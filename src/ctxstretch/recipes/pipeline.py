@@ -21,10 +21,9 @@ from rich.console import Console
 from rich.progress import Progress
 
 from ..config import ConfigError, check_writable
-from ..eval import lmeval_ruler
 from ..eval.backend import check_backend
 from ..eval.report import write_report
-from ..eval.suite import EvalResult, add_external, doublings, evaluate
+from ..eval.suite import EvalResult, add_external, doublings, evaluate, prepare_external
 from ..eval.vllm_eval import evaluate_dir
 from ..eval.vllm_parity import parity_record
 from ..hardware import precision_for
@@ -70,10 +69,7 @@ class Evaluator:
                                                                                        device, cache, console)
         self.precision = precision_for(device) if cfg.eval.precision == "auto" else cfg.eval.precision
         self.lengths = cfg.eval.lengths or doublings(window, cfg.target)
-        self.ruler_lengths = cfg.eval.lm_eval_lengths or self.lengths
-        ruler = [t for t in cfg.eval.lm_eval_tasks if t in lmeval_ruler.TASKS]  # lm-eval's, in its own venv
-        self.ruler_note = lmeval_ruler.prepare(ruler, self.ruler_lengths, cfg.eval.lm_eval_optional) if ruler \
-            else None
+        self.ruler_lengths, self.ruler_note = prepare_external(cfg.eval, self.lengths)
         if self.ruler_note:
             console.print(f"[yellow]lm-eval RULER not run:[/] {self.ruler_note}", highlight=False)
 
