@@ -46,6 +46,20 @@ def test_every_recipe_has_a_preset_that_expands(name):
         assert pipe.stages[1].train.min_lr_ratio == 0.0  # replay decays to zero
 
 
+def test_the_extend_recipe_trains_as_the_extend_command_does():
+    """`recipe: extend` (what `compare --recipes extend` runs) and `ctxstretch extend` train the same stage."""
+    from ctxstretch.recipes.extend import ExtendConfig, pipeline, resolve_extend
+
+    data, where = read_spec("extend")
+    as_recipe = pipeline_from(data, where, lambda model: 256).resolved(256)
+    cfg, _ = resolve_extend(ExtendConfig())
+    as_command = pipeline(cfg).resolved(256)
+    assert as_recipe.rope == as_command.rope and as_recipe.target == as_command.target == 4096
+    (a,), (b,) = as_recipe.stages, as_command.stages
+    assert a.model_dump() == b.model_dump() and a.train_length == 2048 and a.data.mix == {
+        "text": 0.6, "text_copy": 0.2, "random_copy": 0.2}
+
+
 def test_llama2_long_curriculum_shares_one_budget():
     data = {"recipe": "llama2-long", "steps": 90, "curriculum": [0.25, 0.5]}
     pipe = pipeline_from(data, "x", lambda model: 256).resolved(256)
@@ -194,14 +208,14 @@ def test_compare_writes_the_table_and_the_claims(tmp_path, micro128):
     from ctxstretch.compare import run_compare
 
     out = tmp_path / "cmp"
-    path = run_compare(["longrecipe", "full", "pi", "yarn-free"], out, model=str(micro128), target=512, steps=2,
-                       batch_size=2, overrides={"eval": TINY_EVAL, "warmup_steps": 0})
+    path = run_compare(["longrecipe", "full", "pi", "yarn-free", "extend"], out, model=str(micro128), target=512,
+                       steps=2, batch_size=2, overrides={"eval": TINY_EVAL, "warmup_steps": 0})
     text = path.read_text()
     for row in ("| base |", "| longrecipe |", "| longrecipe (after extend) |", "| full |", "| pi |",
-                "| yarn-free |", "## Claims", "ABF beats PI"):
+                "| yarn-free |", "| extend |", "## Claims", "ABF beats PI"):
         assert row in text, row
     assert (out / "report.html").exists() and (out / "needle.png").exists()
-    assert len(list(out.glob("*/model/model.safetensors"))) == 4
+    assert len(list(out.glob("*/model/model.safetensors"))) == 5
     # the full-length rows cost more tokens than the 0.3·L rows under the same step budget
     cells = [[x.strip() for x in r.split("|")[1:-1]] for r in text.split("## Claims")[0].splitlines()
              if r.startswith("| ")]
@@ -211,7 +225,7 @@ def test_compare_writes_the_table_and_the_claims(tmp_path, micro128):
     # ranked by held-out retrieval at the target (in-format passkey/needle never rank)
     held = [float(c[col["held-out @ 512"]].split(" ")[0]) for c in body if c[col["rank"]]]
     assert held == sorted(held, reverse=True) and [c[col["rank"]] for c in body if c[col["rank"]]] == ["1", "2", "3",
-                                                                                                        "4"]
+                                                                                                        "4", "5"]
     assert tokens["full"] == "2,048"  # 2 steps × 2 rows × 512
     assert 0 < int(tokens["longrecipe"].replace(",", "")) < 2048
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import ConfigError, parse
-from . import baselines, llama2_long, longrecipe, longskywork
+from . import baselines, extend, llama2_long, longrecipe, longskywork
 from .base import RecipeParams
 from .config import PipelineConfig, load_pipeline, load_yaml
 
@@ -17,6 +17,7 @@ RECIPES: dict[str, tuple[type[RecipeParams], Callable[..., PipelineConfig]]] = {
     "llama2-long": (llama2_long.Llama2LongParams, llama2_long.pipeline),
     "longskywork": (longskywork.LongSkyworkParams, longskywork.pipeline),
     "longrecipe": (longrecipe.LongRecipeParams, longrecipe.pipeline),
+    "extend": (extend.ExtendParams, extend.from_params),
     **{name: (baselines.BaselineParams, baselines.pipeline) for name in baselines.ROPES},
 }
 # each recipe module's published claims, checked by `compare` on what was measured

@@ -38,13 +38,14 @@ from ..rope import METHODS as ROPE_METHODS
 from ..rope import default_target, original_window
 from ..rundir import RunDir
 from ..train.parallel import resolve_device
+from .base import PRETRAINED_MIX, RecipeParams
 from .config import DataConfig, PipelineConfig, RopeConfig, StageConfig, load_yaml
 from .pipeline import Run
 
 # Chosen on the held-out families (README "Results"): plain text plus span-repetition rows, no probe templates.
+# A pretrained model trains on `base.PRETRAINED_MIX`: its kind of text, long documents drawn more often, short ones
+# interleaved into long rows (CIP).
 DEFAULT_MIX = {"text": 0.6, "text_copy": 0.2, "random_copy": 0.2}
-# A pretrained model: its kind of text, long documents drawn more often, short ones interleaved into long rows (CIP).
-PRETRAINED_MIX = {"text": 0.7, "cip": 0.2, "text_copy": 0.1}
 GPU_ASSUMED_FLOPS = GPUS["h100"].bf16_tflops * 1e12
 # The external suite of every report: lm-eval's own single-needle, multi-key and variable-tracking RULER tasks.
 EXTERNAL_TASKS = ("niah_single_1", "niah_multikey_2", "ruler_vt")
@@ -119,8 +120,7 @@ def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tupl
     if cfg.target == 0:
         cfg = cfg.model_copy(update={"target": default_target(window)})
     if cfg.train_length == 0:
-        share = EMBEDDED_ROW_SHARE if cfg.model == EMBEDDED else ROW_SHARE
-        cfg = cfg.model_copy(update={"train_length": min(cfg.target, max(window, int(share * cfg.target)))})
+        cfg = cfg.model_copy(update={"train_length": row_length(cfg.model, window, cfg.target)})
     embedded = cfg.model == EMBEDDED
     cfg = cfg.model_copy(update={"mix": cfg.mix or dict(DEFAULT_MIX if embedded else PRETRAINED_MIX),
                                  "text": cfg.text or ["embedded" if embedded else "stdlib"]})
@@ -140,6 +140,13 @@ def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tupl
         rule += f"; {said}"
     pipeline(cfg).resolved(window)  # the pipeline's own checks (data sources, lengths), before anything runs
     return cfg, rule
+
+
+def row_length(model: str, window: int, target: int) -> int:
+    """Tokens per training row unless given: `ROW_SHARE` of the target (`EMBEDDED_ROW_SHARE` for the embedded
+    model), never shorter than the original window nor longer than the target."""
+    share = EMBEDDED_ROW_SHARE if model == EMBEDDED else ROW_SHARE
+    return min(target, max(window, int(share * target)))
 
 
 def external_suite(target: int, one_sample: bool) -> tuple[dict, str]:
@@ -223,3 +230,36 @@ def claims(results: dict[str, EvalResult], window: int, target: int) -> list[tup
         ratio = buckets[last] / buckets[first]
         checks.append((f"extended loss at {last} ≤ 1.1× its loss at {first}", ratio <= 1.1, f"{ratio:.2f}×"))
     return checks
+
+
+class ExtendParams(RecipeParams):
+    """`extend` as a recipe (`recipe: extend` in a YAML, `ctxstretch compare --recipes extend,...`): the same
+    pipeline as the command, under the recipe interface and the budget `compare` gives every recipe. Its evaluation
+    is the run's (`eval:`), so a comparison scores every recipe alike."""
+
+    method: str = Field("ntk-fixed", description=f"rope method: {', '.join(ROPE_METHODS)}")
+    rope_theta: float | None = Field(None, gt=0, description="explicit base for abf/ntk-fixed")
+    positions: str = Field("longrecipe", description=f"position transform: {', '.join(POSITION_METHODS)}")
+    train_length: int = Field(0, ge=0, description="tokens per training row; 0: as `ctxstretch extend` chooses")
+    contiguous_share: float = Field(0.3, ge=0, le=1, description="share of rows kept at contiguous positions")
+    text_field: str = Field("text", description="the text column of jsonl/parquet/arrow sources")
+    checkpoint_every: int = Field(10, ge=1, description="save a resumable checkpoint every N steps")
+
+    def main_length(self, target: int) -> int:
+        return self.train_length or target
+
+    def resolved(self, window: int) -> tuple[ExtendParams, str]:
+        target = self.target or default_target(window)
+        fill = {"train_length": self.train_length or row_length(self.model, window, target),
+                "mix": self.mix or (dict(DEFAULT_MIX) if self.model == EMBEDDED else None)}
+        return super(ExtendParams, self.model_copy(update=fill)).resolved(window)
+
+
+def from_params(p: ExtendParams, window: int) -> PipelineConfig:
+    """The pipeline of `extend` for recipe parameters (after `ExtendParams.resolved`)."""
+    cfg = ExtendConfig(model=p.model, target=p.target, method=p.method, rope_theta=p.rope_theta, positions=p.positions,
+                       train_length=p.train_length, contiguous_share=p.contiguous_share, mix=p.mix, text=p.text,
+                       text_field=p.text_field, train=ExtendTrainConfig(**p.train().model_dump()), eval=p.eval,
+                       lora_rank=p.lora_rank, trust_remote_code=p.trust_remote_code, allow_bin=p.allow_bin,
+                       seed=p.seed)
+    return pipeline(cfg).model_copy(update={"description": __doc__.splitlines()[0]})
