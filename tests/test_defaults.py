@@ -9,8 +9,18 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
+from ctxstretch import defaults
 from ctxstretch.cli import app
-from ctxstretch.defaults import lr_warning, pretrained_lr, train_defaults, warmup_for
+from ctxstretch.defaults import (
+    TIMED_LENGTHS,
+    cpu_step_fit,
+    cpu_step_seconds,
+    lr_warning,
+    pretrained_lr,
+    train_defaults,
+    warmup_for,
+)
+from ctxstretch.hardware import train_step_seconds
 from ctxstretch.recipes import expand
 from ctxstretch.recipes.base import RecipeParams, share, split
 from ctxstretch.recipes.extend import DEFAULT_MIX, PRETRAINED_MIX, ExtendConfig, dry_run, pipeline, resolve_extend
@@ -25,7 +35,7 @@ SMOLLM2_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", 
 
 
 @pytest.fixture
-def shaped_dir(tmp_path):
+def shaped_dir(tmp_path, monkeypatch):
     """A directory with SmolLM2's config.json, the embedded tokenizer and a placeholder weights file."""
     d = tmp_path / "smol-shape"
     d.mkdir()
@@ -33,7 +43,39 @@ def shaped_dir(tmp_path):
     for f in MODEL_DIR.glob("tokenizer*"):
         shutil.copy(f, d / f.name)
     (d / "model.safetensors").write_bytes(b"")
+    # its step time on a CPU as measured for SmolLM2-135M (4,096 tokens: 33 s), instead of timing 135M random weights
+    monkeypatch.setattr(defaults, "cpu_step_fit", lambda *a, **k: (8e-3, 1e-8))
     return d
+
+
+def test_the_step_time_fit_recovers_a_per_token_and_a_per_pair_cost(monkeypatch, tmp_path, tokenizer):
+    """t(T) = a·T + b·T² from the two timed lengths; the per-pair cost never goes negative on noisy timings."""
+    from tests.conftest import micro_llama
+
+    path = tmp_path / "micro"
+    micro_llama(tokenizer, window=128).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    monkeypatch.setattr(defaults, "train_step_seconds", lambda model, n, *a: 2e-3 * n + 3e-7 * n * n)
+    assert cpu_step_fit(str(path), "fp32") == pytest.approx((2e-3, 3e-7))
+    assert cpu_step_seconds(str(path), 4096, True, "fp32") == pytest.approx((2e-3 * 4096 + 3e-7 * 4096**2) * 4 / 3)
+    cpu_step_fit.cache_clear()
+    monkeypatch.setattr(defaults, "train_step_seconds", lambda model, n, *a: {512: 2.0, 2048: 7.0}[n])
+    a, b = cpu_step_fit(str(path), "fp32")
+    assert b == 0 and a == pytest.approx(2.0 / 512) and TIMED_LENGTHS == (512, 2048)
+    cpu_step_fit.cache_clear()
+
+
+def test_the_step_time_estimate_tracks_a_measured_step(tmp_path, tokenizer):
+    """On a real (micro) model, the estimate from the two short timings lands near a step timed at another length."""
+    from tests.conftest import micro_llama
+
+    path = tmp_path / "micro"
+    model = micro_llama(tokenizer, window=128, hidden=128)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    estimate = cpu_step_seconds(str(path), 4096, False, "fp32")
+    measured = train_step_seconds(model.train(), 4096, "fp32", model.config.vocab_size, repeats=2)
+    assert 0.4 < estimate / measured < 2.5, (estimate, measured)
 
 
 def test_embedded_keeps_its_tuned_settings():

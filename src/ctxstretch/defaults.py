@@ -9,8 +9,9 @@ The rule (printed at the start of every `extend`):
 - **A pretrained model** of N parameters: peak LR `2e-5 · sqrt(7e9 / N)`, capped at 2e-4 — Llama 2 Long's 2e-5 at
   7B, LongRecipe's 5e-5 lands at ~1.4B, 1.4e-4 for SmolLM2-135M (smaller models tolerate larger steps). Rows per
   step: on a GPU about 2^20 tokens (the papers' batch scale), on a CPU one row. Steps: on a GPU a 1e9-token budget
-  (LongRecipe trains on ~30% of a full-length run's tokens: this is that order), on a CPU what fits in two hours at
-  40% of this machine's measured bf16 matmul peak (`hardware.matmul_peak`), at least 10. Warm-up: 5% of the steps, at
+  (LongRecipe trains on ~30% of a full-length run's tokens: this is that order), on a CPU what fits in two hours,
+  at least 10, the time of a step taken from the model's own training step timed on this machine at two short
+  lengths (`cpu_step_seconds`). Warm-up: 5% of the steps, at
   least 2. Activation checkpointing on whenever the training rows are longer than the model's original window
   (`rope.original_window`: activations grow with the row, weights do not), off for rows within it.
 - **Precision**: bf16 autocast where the hardware has native bf16 (a CUDA GPU that reports it, a CPU whose oneDNN
@@ -22,11 +23,16 @@ naming the derived value.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-from .hardware import matmul_peak, precision_for
-from .plan import flops_per_token, read_shape
+import torch
+from transformers import AutoModelForCausalLM
+
+from .hardware import precision_for, train_step_seconds
+from .models import load_config, resolve
+from .plan import read_shape
 
 DERIVED = ("steps", "batch_size", "lr", "warmup_steps", "gradient_checkpointing", "precision")
 
@@ -34,8 +40,9 @@ EMBEDDED_LR, EMBEDDED_STEPS, EMBEDDED_ROWS, EMBEDDED_WARMUP = 1e-3, 200, 4, 20
 GPU_TOKENS_PER_STEP = 2**20
 GPU_TOKEN_BUDGET = 1e9
 CPU_HOURS = 2.0
-# measured here: SmolLM2-135M, 9,830-token rows, 203 s per step = 184 GFLOP/s, 45% of a 409 GFLOP/s peak
-CPU_PEAK_SHARE = 0.4
+# row lengths at which a model's CPU training step is timed (`cpu_step_seconds`): short enough to take seconds,
+# far enough apart to separate the per-token cost from the attention's per-token-pair cost
+TIMED_LENGTHS = (512, 2048)
 MIN_CPU_STEPS = 10
 RISKY_LR, RISKY_PARAMS = 1e-3, 100_000_000
 
@@ -113,15 +120,30 @@ def lr_warning(lr: float, params: int, embedded: bool) -> str | None:
             f"the derived value is {pretrained_lr(params):.3g} (drop --lr to use it)")
 
 
-def cpu_step_seconds(flops_per_token: float, length: int, checkpointing: bool, peak_flops: float) -> float:
-    """Estimated seconds of one CPU optimizer step on one row: training FLOPs (`plan.flops_per_token`) at
-    CPU_PEAK_SHARE of the measured matmul peak, +1/3 with activation checkpointing. Measured here for SmolLM2-135M
-    at 9,830 tokens: 203 s; this estimate at a 409 GFLOP/s peak: 228 s."""
-    return flops_per_token * length * (4 / 3 if checkpointing else 1) / (CPU_PEAK_SHARE * peak_flops)
+@functools.cache
+def cpu_step_fit(model: str, precision: str, trust_remote_code: bool = False) -> tuple[float, float]:
+    """(a, b) with t(T) = a·T + b·T² seconds for one forward + backward of `model` on a T-token row on this CPU:
+    the model's architecture (random weights, its own config) timed at `TIMED_LENGTHS` in `precision`, once per
+    process. The matmul peak alone does not predict it: on a CPU with AMX the matmuls run ~4× faster than the rest
+    of a step (measured: SmolLM2-135M, 33 s for a 4,096-token step against 4 s at 40% of a 2.3 TFLOP/s peak)."""
+    config = load_config(resolve(model), trust_remote_code)
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    (t1, s1), (t2, s2) = ((n, train_step_seconds(net, n, precision, config.vocab_size)) for n in TIMED_LENGTHS)
+    b = max(0.0, (s2 / t2 - s1 / t1) / (t2 - t1))  # the per-token time grows with the row only through attention
+    return max(1e-9, s1 / t1 - b * t1), b
+
+
+def cpu_step_seconds(model: str, length: int, checkpointing: bool, precision: str,
+                     trust_remote_code: bool = False) -> float:
+    """Estimated seconds of one CPU optimizer step on one row of `length` tokens: `cpu_step_fit` extrapolated,
+    +1/3 with activation checkpointing (the forward runs twice)."""
+    a, b = cpu_step_fit(model, precision, trust_remote_code)
+    return (a * length + b * length**2) * (4 / 3 if checkpointing else 1)
 
 
 def derive(model: str, train_length: int, device: str, given: dict, embedded: bool, window: int,
-           saved: dict | None = None) -> tuple[dict, str]:
+           saved: dict | None = None, trust_remote_code: bool = False) -> tuple[dict, str]:
     """The DERIVED settings `given` leaves unset (None, or "auto" precision): {field: value} and the rule used.
     window: the model's original window (`rope.original_window`), which decides activation checkpointing. saved:
     the values an earlier run of the same directory derived (kept on resume: a CPU's measured speed varies)."""
@@ -133,9 +155,9 @@ def derive(model: str, train_length: int, device: str, given: dict, embedded: bo
     step_s = None
     if device == "cpu" and not embedded and "steps" in unset:
         ckpt = given.get("gradient_checkpointing")
-        step_s = cpu_step_seconds(flops_per_token(shape, train_length), train_length,
-                                  train_length > window if ckpt is None else bool(ckpt),
-                                  matmul_peak(precision_for(device)))
+        precision = given.get("precision") if given.get("precision") in ("bf16", "fp32") else precision_for(device)
+        step_s = cpu_step_seconds(model, train_length, train_length > window if ckpt is None else bool(ckpt),
+                                  precision, trust_remote_code)
     d = train_defaults(params=shape.params, embedded=embedded, train_length=train_length, device=device,
                        step_seconds=step_s, given_steps=None if "steps" in unset else given["steps"], window=window)
     fill = {k: v for k, v in d.as_train().items() if k in unset} | kept

@@ -47,7 +47,7 @@ class RecipeParams(RunSettings):
         target = self.target or default_target(window)
         given = self.model_dump()
         fill, rule = derive(self.model, self.main_length(target), resolve_device(self.device), given, embedded,
-                            window)
+                            window, trust_remote_code=self.trust_remote_code)
         fill |= {"mix": self.mix or dict(BASE_MIX if embedded else PRETRAINED_MIX),
                  "text": self.text or ["embedded" if embedded else "stdlib"]}
         return self.model_copy(update=fill), rule

@@ -25,12 +25,11 @@ from rich.console import Console
 
 from ..config import Strict, TrainConfig, parse
 from ..data.mix import ROW_KINDS
-from ..defaults import CPU_PEAK_SHARE, cpu_step_seconds, derive
+from ..defaults import TIMED_LENGTHS, cpu_step_seconds, derive
 from ..eval.heldout import pooled_token
 from ..eval.lmeval_ruler import DEFAULT_LIMIT, MIN_LENGTH
 from ..eval.perplexity import far_bucket
 from ..eval.suite import EvalConfig, EvalResult
-from ..hardware import matmul_peak
 from ..models import EMBEDDED, load_config, resolve
 from ..plan import GPUS, flops_per_token, memory_for, read_shape
 from ..positions import METHODS as POSITION_METHODS
@@ -126,7 +125,7 @@ def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tupl
                                  "text": cfg.text or ["embedded" if embedded else "stdlib"]})
     t = cfg.train
     fill, rule = derive(cfg.model, cfg.train_length, resolve_device(t.device), t.model_dump(), embedded, window,
-                        saved.train.model_dump() if saved is not None else None)
+                        saved.train.model_dump() if saved is not None else None, cfg.trust_remote_code)
     cfg = cfg.model_copy(update={"train": t.model_copy(update=fill)})
     if not embedded and not cfg.eval.model_fields_set & {"precision", "heldout_trials", "trials"}:
         # a pretrained model: bf16 where native; on a CPU one probe per cell (a 32K probe of a 135M model: ~5 min)
@@ -172,11 +171,11 @@ def dry_run(cfg: ExtendConfig, rule: str) -> list[str]:
     device = resolve_device(t.device)
     length, ckpt = cfg.train_length, bool(t.gradient_checkpointing)
     fpt = flops_per_token(shape, length)
-    peak = matmul_peak("bf16" if t.precision == "bf16" else "fp32") if device == "cpu" else None
     rows = t.steps * t.batch_size * t.grad_accum
-    if peak is not None:
-        seconds = rows * cpu_step_seconds(fpt, length, ckpt, peak)
-        speed = f"at {CPU_PEAK_SHARE:.0%} of this CPU's measured {t.precision} matmul peak ({peak / 1e9:,.0f} GFLOP/s)"
+    if device == "cpu":
+        seconds = rows * cpu_step_seconds(cfg.model, length, ckpt, t.precision, cfg.trust_remote_code)
+        speed = (f"from this model's {t.precision} training step timed on this CPU at "
+                 f"{' and '.join(f'{n:,}' for n in TIMED_LENGTHS)} tokens")
     else:
         seconds = rows * length * fpt * (4 / 3 if ckpt else 1) / (GPU_ASSUMED_FLOPS * 0.4)
         speed = "at 40% MFU of an H100's 989 TFLOP/s (see `ctxstretch plan` for other GPUs)"
