@@ -35,6 +35,7 @@ def test_saved_directory_carries_the_trained_dtype(tmp_path, dtype):
     trained = in_dtype(model, dtype)
     trained.config.dtype = torch.float32  # as a model gathered from shards into an fp32 skeleton would say
     out = save(trained, tokenizer, tmp_path / "model")
+    assert trained.config.dtype == torch.float32  # saving leaves the caller's model as it was
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     assert json.loads((out / "config.json").read_text())["dtype"] == name
     with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:

@@ -128,13 +128,18 @@ def save(model, tokenizer, out: Path) -> Path:
     so `AutoModelForCausalLM.from_pretrained(out, dtype="auto")` loads them as trained."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.config.dtype = model.dtype  # weights put into a copy by `unsharded` leave the copy's config behind
-    with writing(tmp, out):  # a failed write leaves no `out.tmp` (config.json without weights) behind
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
+    # config.json records the weights' dtype (weights put into a copy by `unsharded` leave the copy's config
+    # behind); the caller's model keeps its own config as it was
+    dtype, model.config.dtype = model.config.dtype, model.dtype
+    try:
+        with writing(tmp, out):  # a failed write leaves no `out.tmp` (config.json without weights) behind
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            gen = getattr(model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+    finally:
+        model.config.dtype = dtype
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -145,7 +145,8 @@ class Run:
         main = state.is_main_process
         check_backend(cfg.eval.backend)  # a missing vLLM environment fails before anything is written
         tokenizer = load_tokenizer(str(path))
-        evaluated = Evaluator(cfg, tokenizer, window, device, run.cache, console)  # lm-eval's environment, too
+        # only the main process evaluates, so only it prepares the evaluation (lm-eval's environment, too)
+        evaluated = Evaluator(cfg, tokenizer, window, device, run.cache, console) if main else None
         if main:
             prepare_out(run.root, self.saved_config, self.resume, self.force)
         barrier(device)
@@ -153,7 +154,7 @@ class Run:
                       f"stages: {', '.join(f'{s.name} ({s.kind})' for s in cfg.stages)}")
         loaded = dict(trust_remote_code=cfg.trust_remote_code, allow_bin=cfg.allow_bin)
         results: dict[str, EvalResult] = {}
-        if main:
+        if evaluated is not None:
             results["base"] = evaluated(self.base_eval or run.base.root, lambda: load(
                 path, device, dtype=eval_dtype(evaluated.precision), **loaded)[0], path)
         barrier(device)
@@ -171,9 +172,9 @@ class Run:
             elif stage.changes_model:
                 ctx.use(sd.model)
             summaries.append(sd.summary())
-            if stage.config.evaluate and main:
+            if stage.config.evaluate and evaluated is not None:
                 results[stage.name] = evaluated(sd.eval.root, ctx.model, ctx.current)
-        if not main:
+        if evaluated is None:  # another process of a distributed run: the main one evaluates and reports
             return run.report
         save(ctx.model(), tokenizer, run.model)
         results["extended"] = evaluated(run.extended.root, ctx.model, run.model)
