@@ -85,6 +85,16 @@ def test_wilson_interval():
     assert np.diff(wilson(30, 60))[0] < np.diff(wilson(3, 6))[0]  # more probes, narrower interval
 
 
+def test_ratio_interval_by_the_delta_method():
+    from ctxstretch.eval.heldout import ratio_interval
+
+    lo, hi = ratio_interval((0.46, 0.08, 36), (0.65, 0.06, 36))  # the default extend's 8x over its in-window score
+    r = 0.46 / 0.65
+    assert lo < r < hi and (hi - lo) / 2 == pytest.approx(r * np.hypot(0.08 / 0.46, 0.06 / 0.65))
+    assert ratio_interval((0.5, 0.0, 10), (0.5, 0.0, 10)) == (1.0, 1.0)  # no spread, no interval
+    assert ratio_interval((0.5, 0.1, 10), (0.0, 0.0, 10)) == (0.0, float("inf"))
+
+
 def test_held_out_probes_come_from_evaluation_seeds_only():
     # the evaluation's purposes are drawn above the training range; the same purpose in training gives other probes
     assert not np.array_equal(rng_for("heldout-kv_uuid-256-0.5", 0, True).integers(0, 1 << 30, 4),

@@ -81,3 +81,14 @@ def pooled_token(scores: dict[str, dict[int, Tally]], z: float = 1.96) -> dict[i
         sd = math.sqrt(ss / (total - 1)) if total > 1 else 0.0
         out[n] = (mean, z * sd / math.sqrt(total), total)
     return out
+
+
+def ratio_interval(a: tuple[float, float, int], b: tuple[float, float, int]) -> tuple[float, float]:
+    """The 95% interval of the ratio of two pooled scores a/b (`pooled_token` entries, independent probes), by the
+    delta method: r ± r·sqrt((ha/a)² + (hb/b)²). (0, inf) when b is 0."""
+    (ma, ha, _), (mb, hb, _) = a, b
+    if mb <= 0:
+        return 0.0, float("inf")
+    r = ma / mb
+    half = r * math.sqrt((ha / ma if ma else 0.0) ** 2 + (hb / mb) ** 2) if ma else hb / mb
+    return max(0.0, r - half), r + half

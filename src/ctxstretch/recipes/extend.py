@@ -26,7 +26,7 @@ from rich.console import Console
 from ..config import Strict, TrainConfig, parse
 from ..data.mix import ROW_KINDS
 from ..defaults import TIMED_LENGTHS, cpu_step_seconds, derive
-from ..eval.heldout import pooled_token
+from ..eval.heldout import pooled_token, ratio_interval
 from ..eval.lmeval_ruler import DEFAULT_LIMIT, MIN_LENGTH
 from ..eval.perplexity import far_bucket
 from ..eval.suite import EvalConfig, EvalResult
@@ -221,8 +221,10 @@ def claims(results: dict[str, EvalResult], window: int, target: int) -> list[tup
         if far and far > window:
             mf = e[far][0]
             own = mf / me if me else 0.0
+            lo, hi = ratio_interval(e[far], e[window])
             checks.append((f"held-out retrieval @ {far:,} ({far // window}× the window) ≥ 80% of the extended model's "
-                           "own in-window score", own >= 0.8, f"{mf:.2f} vs {me:.2f} ({own:.0%})"))
+                           "own in-window score", own >= 0.8,
+                           f"{mf:.2f} vs {me:.2f} ({own:.0%}; 95% interval {lo:.0%}–{hi:.0%})"))
     buckets = ext.buckets
     first, last = f"0-{window}", far_bucket(ext, target)
     if first in buckets and last:
