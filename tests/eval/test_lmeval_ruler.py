@@ -135,8 +135,8 @@ def test_extend_runs_lm_eval_ruler_on_each_saved_model(tmp_path, micro_model_dir
 
     seen = []
 
-    def fake_run_ruler(model_dir, tasks, lengths, limit, out_dir):
-        seen.append((Path(model_dir), tuple(tasks), tuple(lengths), limit))
+    def fake_run_ruler(model_dir, tasks, lengths, limit, out_dir, dtype="auto"):
+        seen.append((Path(model_dir), tuple(tasks), tuple(lengths), limit, dtype))
         return {t: {n: 0.5 for n in lengths} for t in tasks}
 
     monkeypatch.setattr(lmeval_ruler, "run_ruler", fake_run_ruler)
@@ -149,9 +149,23 @@ def test_extend_runs_lm_eval_ruler_on_each_saved_model(tmp_path, micro_model_dir
     out = tmp_path / "run"
     report = extend(config=cfg, out=out).read_text()
     assert [s[0] for s in seen] == [micro_model_dir, out / "model"]
-    assert seen[0][1:] == (("niah_single_1",), (256,), 2)
+    assert seen[0][1:] == (("niah_single_1",), (256,), 2, "auto")  # an fp32 evaluation: the config's own dtype
     assert json.loads((out / "extended" / "eval.json").read_text())["external_ruler"] == {"niah_single_1": {"256": 0.5}}
     assert "niah_single_1" in report and "2 samples per task and length" in report
+
+
+def test_a_bf16_evaluation_runs_lm_eval_in_bf16(tmp_path, monkeypatch):
+    """lm-eval loads the model in bf16 when the run's own evaluation holds it in bf16 (an fp32 checkpoint would
+    otherwise run in fp32 there: ~2x slower on a bf16 CPU, and not the model the other scores measured)."""
+    from ctxstretch.eval import lmeval_ruler
+    from ctxstretch.eval.suite import EvalConfig, EvalResult, add_external
+
+    seen = []
+    monkeypatch.setattr(lmeval_ruler, "run_ruler", lambda *a, dtype="auto": seen.append(dtype) or {})
+    cfg = EvalConfig(lm_eval_tasks=["niah_single_1"], lm_eval_limit=1)
+    for precision in ("bf16", "fp32"):
+        add_external(EvalResult(None, None, None, {}), MODEL_DIR, cfg, [1024], tmp_path, precision=precision)
+    assert seen == ["bfloat16", "auto"]
 
 
 def test_the_default_extend_report_carries_the_external_suite_or_says_why_not(tmp_path, micro_model_dir,

@@ -223,12 +223,14 @@ def prepare_external(cfg: EvalConfig, lengths: list[int]) -> tuple[list[int], st
 
 
 def add_external(result: EvalResult, model_dir: Path, cfg: EvalConfig, lengths: list[int], out_dir: Path,
-                 note: str | None = None) -> None:
+                 note: str | None = None, precision: str = "fp32") -> None:
     """lm-eval's RULER scores of the model saved at `model_dir` into `result` (`cfg.ruler_tasks` at `lengths`), or
-    `note`: why they could not run (`prepare_external`)."""
+    `note`: why they could not run (`prepare_external`). precision: the evaluation's (bf16: lm-eval loads the
+    model in bf16, as our own evaluation holds it; otherwise in the dtype its config.json names)."""
     if note is not None:
         result.external_note = note
     elif cfg.ruler_tasks:
         limit = cfg.lm_eval_limit or DEFAULT_LIMIT
-        result.external = lmeval_ruler.run_ruler(model_dir, cfg.ruler_tasks, lengths, limit, out_dir)
+        result.external = lmeval_ruler.run_ruler(model_dir, cfg.ruler_tasks, lengths, limit, out_dir,
+                                                 dtype="bfloat16" if precision == "bf16" else "auto")
         result.external_samples = limit

@@ -88,7 +88,8 @@ class Evaluator:
                 result = evaluate(in_dtype(model(), eval_dtype(self.precision)), self.tokenizer, self.cfg.eval,
                                   self.window, self.cfg.target, self.cache,
                                   progress, partial=d.partial)
-        add_external(result, model_dir, self.cfg.eval, self.ruler_lengths, d.lm_eval, self.ruler_note)
+        add_external(result, model_dir, self.cfg.eval, self.ruler_lengths, d.lm_eval, self.ruler_note,
+                     "bf16" if self.cfg.eval.backend == "vllm" else self.precision)
         result.save(d.root)
         d.partial.unlink(missing_ok=True)
         return result
