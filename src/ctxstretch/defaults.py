@@ -125,7 +125,7 @@ def cpu_step_fit(model: str, precision: str, trust_remote_code: bool = False) ->
     """(a, b) with t(T) = a·T + b·T² seconds for one forward + backward of `model` on a T-token row on this CPU:
     the model's architecture (random weights, its own config) timed at `TIMED_LENGTHS` in `precision`, once per
     process. The matmul peak alone does not predict it: on a CPU with AMX (peak 2.3 TFLOP/s) SmolLM2-135M's 4,096-token
-    step takes 33 s where 40% of that peak would give 7.3 s (bench/RESULTS.md)."""
+    forward + backward takes 12.9 s where 40% of that peak gives 7.3 s; this fit gives 13.3 s (bench/RESULTS.md)."""
     config = load_config(resolve(model), trust_remote_code)
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
