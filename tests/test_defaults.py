@@ -43,7 +43,8 @@ def shaped_dir(tmp_path, monkeypatch):
     for f in MODEL_DIR.glob("tokenizer*"):
         shutil.copy(f, d / f.name)
     (d / "model.safetensors").write_bytes(b"")
-    # its step time on a CPU as measured for SmolLM2-135M (4,096 tokens: 33 s), instead of timing 135M random weights
+    # a fixed step-time fit (33 s for 4,096 tokens: SmolLM2-135M's step on a shared 2-core CPU) instead of timing
+    # 135M random weights
     monkeypatch.setattr(defaults, "cpu_step_fit", lambda *a, **k: (8e-3, 1e-8))
     return d
 

@@ -126,7 +126,7 @@ def cpu_step_fit(model: str, precision: str, trust_remote_code: bool = False) ->
     the model's architecture (random weights, its own config) timed at `TIMED_LENGTHS` in `precision`, once per
     process. The matmul peak alone does not predict it: on a CPU with AMX (peak 2.3 TFLOP/s) SmolLM2-135M's 4,096-token
     forward + backward takes 12.9 s where 40% of that peak gives 7.3 s; this fit gives 13.3 s (bench/RESULTS.md)."""
-    config = load_config(resolve(model), trust_remote_code)
+    config = load_config(resolve(model), trust_remote_code, allow_bin=True)  # its weights are never read here
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
     (t1, s1), (t2, s2) = ((n, train_step_seconds(net, n, precision, config.vocab_size)) for n in TIMED_LENGTHS)

@@ -93,6 +93,7 @@ def test_ratio_interval_by_the_delta_method():
     assert lo < r < hi and (hi - lo) / 2 == pytest.approx(r * np.hypot(0.08 / 0.46, 0.06 / 0.65))
     assert ratio_interval((0.5, 0.0, 10), (0.5, 0.0, 10)) == (1.0, 1.0)  # no spread, no interval
     assert ratio_interval((0.5, 0.1, 10), (0.0, 0.0, 10)) == (0.0, float("inf"))
+    assert ratio_interval((0.0, 0.1, 10), (0.5, 0.1, 10)) == (0.0, pytest.approx(0.2))  # a zero score still has spread
 
 
 def test_held_out_probes_come_from_evaluation_seeds_only():

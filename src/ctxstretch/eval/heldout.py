@@ -85,10 +85,10 @@ def pooled_token(scores: dict[str, dict[int, Tally]], z: float = 1.96) -> dict[i
 
 def ratio_interval(a: tuple[float, float, int], b: tuple[float, float, int]) -> tuple[float, float]:
     """The 95% interval of the ratio of two pooled scores a/b (`pooled_token` entries, independent probes), by the
-    delta method: r ± r·sqrt((ha/a)² + (hb/b)²). (0, inf) when b is 0."""
+    delta method: r ± sqrt((ha/b)² + (a·hb/b²)²), i.e. r·sqrt((ha/a)² + (hb/b)²) when a > 0. (0, inf) when b is 0."""
     (ma, ha, _), (mb, hb, _) = a, b
     if mb <= 0:
         return 0.0, float("inf")
     r = ma / mb
-    half = r * math.sqrt((ha / ma if ma else 0.0) ** 2 + (hb / mb) ** 2) if ma else hb / mb
+    half = math.hypot(ha / mb, ma * hb / mb**2)
     return max(0.0, r - half), r + half
