@@ -18,6 +18,7 @@ the recipe's claims checked in the run's report, and `run` is the `Run` that `ct
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 from pydantic import Field
@@ -55,6 +56,15 @@ EMBEDDED_ROW_SHARE = 0.5
 LONG_WEIGHT = 3.0  # documents of at least one row's length are drawn this much more often (Llama 2 Long §4)
 
 
+# The knobs `extend` has both as a command (`ExtendConfig`) and as a recipe (`ExtendParams`), defined once.
+RopeMethod = Annotated[str, Field("ntk-fixed", description=f"rope method: {', '.join(ROPE_METHODS)}")]
+RopeTheta = Annotated[float | None, Field(None, gt=0, description="explicit base for abf/ntk-fixed")]
+Positions = Annotated[str, Field("longrecipe", description=f"position transform: {', '.join(POSITION_METHODS)}")]
+TrainLength = Annotated[int, Field(0, ge=0, description="tokens per training row; 0: 0.3x target (LongRecipe), "
+                                   "0.5x for the embedded model")]
+ContiguousShare = Annotated[float, Field(0.3, ge=0, le=1, description="share of rows kept at contiguous positions")]
+TextField = Annotated[str, Field("text", description="the text column of jsonl/parquet/arrow sources")]
+
 class ExtendTrainConfig(TrainConfig):
     """The training stage of `extend`; unset (None) budget fields are derived from the model (`ctxstretch.defaults`)."""
 
@@ -71,17 +81,16 @@ class ExtendConfig(Strict):
 
     model: str = Field("embedded", description="local HF model directory, or 'embedded'")
     target: int = Field(0, ge=0, description="target window in tokens; 0: 16x the model's window")
-    method: str = Field("ntk-fixed", description=f"rope method: {', '.join(ROPE_METHODS)}")
-    rope_theta: float | None = Field(None, gt=0, description="explicit base for abf/ntk-fixed")
-    positions: str = Field("longrecipe", description=f"position transform: {', '.join(POSITION_METHODS)}")
-    train_length: int = Field(0, ge=0, description="tokens per training row; 0: 0.3x target (LongRecipe), 0.5x for "
-                              "the embedded model")
-    contiguous_share: float = Field(0.3, ge=0, le=1, description="share of rows kept at contiguous positions")
+    method: RopeMethod
+    rope_theta: RopeTheta
+    positions: Positions
+    train_length: TrainLength
+    contiguous_share: ContiguousShare
     mix: dict[str, float] | None = Field(
         None, description=f"row kinds and weights: {', '.join(ROW_KINDS)} (None: the default for the model)")
     text: list[str] = Field(default_factory=list, description="training text: 'embedded', 'stdlib' or files/folders "
                             "(txt, jsonl, parquet, arrow, a saved HF dataset); empty: the default for the model")
-    text_field: str = Field("text", description="the text column of jsonl/parquet/arrow sources")
+    text_field: TextField
     train: ExtendTrainConfig = Field(default_factory=ExtendTrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     lora_rank: int = Field(0, ge=0, description="LoRA rank via peft (0: full fine-tuning)")
@@ -238,12 +247,12 @@ class ExtendParams(RecipeParams):
     pipeline as the command, under the recipe interface and the budget `compare` gives every recipe. Its evaluation
     is the run's (`eval:`), so a comparison scores every recipe alike."""
 
-    method: str = Field("ntk-fixed", description=f"rope method: {', '.join(ROPE_METHODS)}")
-    rope_theta: float | None = Field(None, gt=0, description="explicit base for abf/ntk-fixed")
-    positions: str = Field("longrecipe", description=f"position transform: {', '.join(POSITION_METHODS)}")
-    train_length: int = Field(0, ge=0, description="tokens per training row; 0: as `ctxstretch extend` chooses")
-    contiguous_share: float = Field(0.3, ge=0, le=1, description="share of rows kept at contiguous positions")
-    text_field: str = Field("text", description="the text column of jsonl/parquet/arrow sources")
+    method: RopeMethod
+    rope_theta: RopeTheta
+    positions: Positions
+    train_length: TrainLength
+    contiguous_share: ContiguousShare
+    text_field: TextField
     checkpoint_every: int = Field(10, ge=1, description="save a resumable checkpoint every N steps")
 
     def main_length(self, target: int) -> int:
