@@ -60,6 +60,19 @@ def test_the_extend_recipe_trains_as_the_extend_command_does():
         "text": 0.6, "text_copy": 0.2, "random_copy": 0.2}
 
 
+def test_the_extend_run_seed_reaches_its_training_rows():
+    """`seed:` of an extend config seeds the training rows unless `train.seed` is set."""
+    from ctxstretch.recipes.extend import ExtendConfig, ExtendTrainConfig, pipeline, resolve_extend
+
+    def stage_seed(**kw) -> int:
+        cfg, _ = resolve_extend(ExtendConfig(**kw))
+        (stage,) = pipeline(cfg).resolved(256).stages
+        return stage.train.seed
+
+    assert stage_seed() == 0 and stage_seed(seed=1) == 1
+    assert stage_seed(seed=1, train=ExtendTrainConfig(seed=3)) == 3
+
+
 def test_llama2_long_curriculum_shares_one_budget():
     data = {"recipe": "llama2-long", "steps": 90, "curriculum": [0.25, 0.5]}
     pipe = pipeline_from(data, "x", lambda model: 256).resolved(256)

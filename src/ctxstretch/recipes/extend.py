@@ -74,6 +74,7 @@ class ExtendTrainConfig(TrainConfig):
     warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps (None: derived)")
     gradient_checkpointing: bool | None = Field(None, description="activation checkpointing (None: derived)")
     checkpoint_every: int = Field(10, ge=1, description="save a resumable checkpoint every N steps")
+    seed: int | None = Field(None, description="seed of the training rows and order (None: the run's `seed`)")
 
 
 class ExtendConfig(Strict):
@@ -113,12 +114,18 @@ def pipeline(cfg: ExtendConfig) -> PipelineConfig:
                       long_threshold=0 if embedded else cfg.train_length, long_weight=1.0 if embedded else LONG_WEIGHT)
     stage = StageConfig(name="extend", positions=cfg.positions, train_length=cfg.train_length,
                         contiguous_share=cfg.contiguous_share, data=data,
-                        train=TrainConfig(**cfg.train.model_dump()), lora_rank=cfg.lora_rank,
+                        train=TrainConfig(**cfg.train.model_dump() | {"seed": train_seed(cfg)}),
+                        lora_rank=cfg.lora_rank,
                         lora_train_embeddings_norms=cfg.lora_train_embeddings_norms)
     return PipelineConfig(name="extend", model=cfg.model, target=cfg.target,
                           rope=RopeConfig(method=cfg.method, theta=cfg.rope_theta),
                           stages=[stage] if cfg.train.steps > 0 else [], eval=cfg.eval, seed=cfg.seed,
                           device=cfg.train.device, trust_remote_code=cfg.trust_remote_code, allow_bin=cfg.allow_bin)
+
+
+def train_seed(cfg: ExtendConfig) -> int:
+    """The training stage's seed: `train.seed` when set, else the run's `seed`."""
+    return cfg.seed if cfg.train.seed is None else cfg.train.seed
 
 
 def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tuple[ExtendConfig, str]:
