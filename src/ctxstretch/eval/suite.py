@@ -41,7 +41,7 @@ class EvalConfig(Strict):
     heldout: list[str] = Field(default_factory=lambda: list(HELD_OUT),
                                description="held-out probe families to score (the report's headline); empty: none")
     heldout_depths: list[float] = Field([0.1, 0.5, 0.9], description="depths of the held-out probes")
-    heldout_trials: int = Field(4, ge=1, description="held-out probes per (family, length, depth)")
+    heldout_trials: int = Field(8, ge=1, description="held-out probes per (family, length, depth)")
     depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     trials: int = Field(4, ge=1, description="probes per (length, depth) cell")
     needle: bool = True
