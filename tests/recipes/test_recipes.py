@@ -57,7 +57,7 @@ def test_the_extend_recipe_trains_as_the_extend_command_does():
     assert as_recipe.rope == as_command.rope and as_recipe.target == as_command.target == 4096
     (a,), (b,) = as_recipe.stages, as_command.stages
     assert a.model_dump() == b.model_dump() and a.train_length == 2048 and a.data.mix == {
-        "text": 0.2, "text_copy": 0.4, "random_copy": 0.4}
+        "text": 0.4, "text_copy": 0.3, "random_copy": 0.3}
 
 
 def test_the_extend_run_seed_reaches_its_training_rows():
