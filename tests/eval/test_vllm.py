@@ -22,6 +22,7 @@ from ctxstretch.data.heldout import HeldoutBuilder
 from ctxstretch.data.probes import rng_for
 from ctxstretch.eval import venv, vllm_env
 from ctxstretch.eval.passkey import answer_scores
+from ctxstretch.eval.suite import EvalConfig
 from ctxstretch.eval.vllm_client import PromptScores, VllmEngine, VllmError
 from ctxstretch.eval.vllm_eval import EngineLM
 from ctxstretch.eval.vllm_parity import compare, hf_scores, rope_variant, verdict
@@ -211,7 +212,8 @@ def test_eval_runs_on_the_vllm_backend(vllm_python, smollm2, tmp_path):
     data = json.loads((out / "eval.json").read_text())
     assert set(data["heldout"]) == {"first_sentence", "kv_uuid", "doc_fact"}
     cell = data["heldout"]["kv_uuid"]["256"]
-    assert cell["n"] == 12 and 0.0 <= cell["token_acc"] <= 1.0
+    probes = EvalConfig().heldout_trials * len(EvalConfig().heldout_depths)  # the command's default grid
+    assert cell["n"] == probes and 0.0 <= cell["token_acc"] <= 1.0
     assert len(data["passkey"]["acc"]) == 5 and data["passkey"]["lengths"] == [256]
     assert all(np.isfinite(v) and 0 < v < 20 for v in data["loss_by_position"].values())
     assert 0 < data["short_context"]["loss"] < 20 and data["short_context"]["length"] == 8192
