@@ -39,8 +39,9 @@ def test_run_directory_is_complete(run_dir):
     assert "| passkey @ 1,024 |" in report and "## Targets" in report
     sections = [line for line in report.splitlines() if line.startswith("## ")]
     assert sections[0] == "## Held-out families (headline)" and sections.index("## In-format probes") > 0
-    assert re.search(r"\| 1,024 \(4× window\) \| \d\.\d\d ± \d\.\d\d \(36 probes\)", report), "probes, interval"
-    assert re.search(r"\| 1,024 \(4× window\) \| \d+% \(\d+/36; \d+%–\d+%\)", report), "exact match, Wilson"
+    assert re.search(r"\| 1,024 \(4× window\) \| \d\.\d\d ± \d\.\d\d \(72 probes\)", report), "probes, interval"
+    assert re.search(r"\| 1,024 \(4× window\) \| \d+% \(\d+/72; \d+%–\d+%\)", report), "exact match, Wilson"
+    assert "re-run: `ctxstretch extend --config config.yaml --out DIR`" in report
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 4]
     assert {r.get("eval") for r in records} >= {"base", "extended"}

@@ -221,7 +221,8 @@ def run(cfg: ExtendConfig, out: Path, *, resume: bool = False, force: bool = Fal
     cfg, rule = resolve_extend(cfg, load_extend_config(saved) if resume and saved.exists() else None)
     console.print(f"settings: {rule}")
     return Run(pipeline(cfg), out, resume=resume, force=force, console=console,
-               saved_config=cfg.model_dump(mode="json"), title="ctxstretch extend", claims=claims)
+               saved_config=cfg.model_dump(mode="json"), title="ctxstretch extend", claims=claims,
+               rerun="ctxstretch extend --config config.yaml --out DIR")
 
 
 def claims(results: dict[str, EvalResult], window: int, target: int) -> list[tuple[str, bool, str]]:

@@ -117,13 +117,15 @@ class Run:
 
     saved_config: what `config.yaml` records (default: the resolved pipeline). base_eval: a directory holding (or to
     hold) the base model's evaluation, shared between runs (`compare`). claims(results, window, target): the
-    recipe's claims, shown as the report's Targets table. Under `accelerate launch` every process trains its share
+    recipe's claims, shown as the report's Targets table. rerun: the command the report names to re-run
+    `config.yaml`. Under `accelerate launch` every process trains its share
     of each batch; only the main one evaluates and writes, and every process continues from each stage's saved model
     (a sharded engine leaves no whole model in any process)."""
 
     def __init__(self, cfg: PipelineConfig, out: Path, *, resume: bool = False, force: bool = False,
                  console: Console | None = None, saved_config: dict | None = None, base_eval: Path | None = None,
-                 claims: Claims | None = None, title: str | None = None):
+                 claims: Claims | None = None, title: str | None = None,
+                 rerun: str = "ctxstretch train config.yaml --out DIR"):
         self.dir = RunDir(Path(out))
         self.resume, self.force = resume, force
         self.console = console or Console()
@@ -132,7 +134,7 @@ class Run:
         self.cfg = cfg.resolved(self.window)
         self.device = resolve_device(self.cfg.device)
         self.saved_config = saved_config or self.cfg.model_dump(mode="json")
-        self.base_eval, self.claims = base_eval, claims
+        self.base_eval, self.claims, self.rerun = base_eval, claims, rerun
         self.title = title or f"ctxstretch {self.cfg.name}"
 
     def execute(self) -> Path:
@@ -186,7 +188,7 @@ class Run:
                   f"- rope: `{json.dumps(rope)}`",
                   *[f"- stage `{s['stage']}` ({s['kind']}): {s['what']}" for s in summaries],
                   f"- wall time: {minutes:.1f} min on {device}",
-                  "- re-run: `ctxstretch train config.yaml --out DIR`"]
+                  f"- re-run: `{self.rerun}`"]
         report = write_report(run.root, self.title, header, results, window,
                               checks=self.claims(results, window, cfg.target) if self.claims else None)
         for stage in cfg.stages:
