@@ -71,6 +71,8 @@ def test_the_extend_run_seed_reaches_its_training_rows():
 
     assert stage_seed() == 0 and stage_seed(seed=1) == 1
     assert stage_seed(seed=1, train=ExtendTrainConfig(seed=3)) == 3
+    # written down as resolved, so a run directory saved with `train.seed: 0` resumes
+    assert resolve_extend(ExtendConfig())[0].train.seed == 0
 
 
 def test_llama2_long_curriculum_shares_one_budget():

@@ -144,7 +144,8 @@ def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tupl
     t = cfg.train
     fill, rule = derive(cfg.model, cfg.train_length, resolve_device(t.device), t.model_dump(), embedded, window,
                         saved.train.model_dump() if saved is not None else None, cfg.trust_remote_code)
-    cfg = cfg.model_copy(update={"train": t.model_copy(update=fill)})
+    # the training seed is written down as the run's (so config.yaml says what ran, as for every derived setting)
+    cfg = cfg.model_copy(update={"train": t.model_copy(update=fill | {"seed": train_seed(cfg)})})
     if not embedded and not cfg.eval.model_fields_set & {"precision", "heldout_trials", "trials"}:
         # a pretrained model: bf16 where native; on a CPU one probe per cell (a 32K probe of a 135M model: ~5 min)
         cpu = resolve_device(t.device) == "cpu"
