@@ -43,7 +43,7 @@ from .config import DataConfig, PipelineConfig, RopeConfig, StageConfig, load_ya
 from .pipeline import Run
 
 # Chosen on the held-out families (README "Results"; bench/RESULTS.md, third round): plain text and span-repetition
-# rows, no probe templates. 60% span repetition held 82-86% of the in-window score at 8x (108 probes per cell) where
+# rows, no probe templates. 60% span repetition held 81-86% of the in-window score at 8x (108 probes per cell) where
 # 40% held 72-75%; 80% reached further still but lost text loss at far positions and the base's in-window passkey.
 # A pretrained model trains on `base.PRETRAINED_MIX`: its kind of text, long documents drawn more often, short ones
 # interleaved into long rows (CIP).
