@@ -26,3 +26,27 @@ def test_buckets_and_context_losses():
     b = loss_by_bucket(losses, [(0, 256), (2048, 4096)])
     assert b["0-256"] == pytest.approx(np.arange(1, 256).mean())
     assert loss_vs_context(losses, [4096])[4096] == pytest.approx(np.arange(2048, 4096).mean())
+
+
+def test_a_dynamic_rope_model_scores_its_window_with_its_own_frequencies(tokenizer):
+    """transformers' dynamic rope keeps a long row's rescaling for a following row of exactly the window;
+    `reset_dynamic_rope` gives the model its own frequencies back (what a fresh model scores)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from ctxstretch.eval.perplexity import reset_dynamic_rope, token_losses
+    from ctxstretch.rope import apply_rope
+    from tests.conftest import micro_llama
+
+    model = micro_llama(tokenizer, window=32)
+    apply_rope(model.config, "ntk", 128)
+    assert model.config.rope_parameters["rope_type"] == "dynamic"
+    model = LlamaForCausalLM(model.config).eval()  # the rotary embedding built from the dynamic configuration
+    stream = np.random.default_rng(0).integers(0, len(tokenizer), size=4096)
+    with torch.no_grad():
+        fresh = token_losses(model, stream, 32, 2)
+        model(input_ids=torch.tensor(stream[None, :128]))  # a long row rescales the frequencies
+        stale = token_losses(model, stream, 32, 2)
+        reset_dynamic_rope(model)
+        again = token_losses(model, stream, 32, 2)
+    assert not np.allclose(stale, fresh) and np.allclose(again, fresh)

@@ -18,6 +18,19 @@ def default_buckets(length: int, base_window: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
+def reset_dynamic_rope(model) -> None:
+    """Give a dynamic-rope model (`rope_type: dynamic`) back its own frequencies. transformers' dynamic rope keeps the
+    largest rescaling any row has asked for and resets it only for a row shorter than the original window, so rows
+    of exactly the window after a longer one would be scored with the long row's frequencies; one token resets it.
+    Anything else (other ropes, an inference engine's client) is left as it is."""
+    rope = getattr(getattr(model, "config", None), "rope_parameters", None) or {}
+    if not isinstance(model, torch.nn.Module) or rope.get("rope_type") != "dynamic":
+        return
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+
+
 def token_losses(model, stream: np.ndarray, length: int, rows: int, batch_size: int = 1) -> np.ndarray:
     """Per-token loss (nats) at positions 1..length-1 for `rows` consecutive held-out rows, shape (rows, length-1).
 

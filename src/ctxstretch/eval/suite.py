@@ -29,7 +29,7 @@ from .heldout import heldout_scores
 from .lmeval_ruler import DEFAULT_LIMIT
 from .lmeval_ruler import TASKS as RULER_TASKS
 from .passkey import Grid, retrieval_grid
-from .perplexity import default_buckets, loss_by_bucket, token_losses
+from .perplexity import default_buckets, loss_by_bucket, reset_dynamic_rope, token_losses
 from .ruler import ruler_scores
 from .short import require_lm_eval, run_lm_eval, short_context_loss, short_text_stream
 
@@ -206,6 +206,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, base_window: int, target: int, c
                              seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
     short = None
     if cfg.short_rows:
+        reset_dynamic_rope(model)  # the window's rows with the model's own frequencies, not the last long row's
         short = short_context_loss(partial_fn(losses_of, batch_size=cfg.batch_size), short_stream, base_window,
                                    cfg.short_rows, cfg.short_text)
     lm = run_lm_eval(model, tokenizer, in_process, cfg.lm_eval_limit) if in_process else None
