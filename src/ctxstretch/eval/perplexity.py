@@ -17,7 +17,6 @@ def default_buckets(length: int, base_window: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:], strict=False))
 
 
-@torch.no_grad()
 def reset_dynamic_rope(model) -> None:
     """Give a dynamic-rope model (`rope_type: dynamic`) back its own frequencies. transformers' dynamic rope keeps the
     largest rescaling any row has asked for and resets it only for a row shorter than the original window, so rows
@@ -31,6 +30,7 @@ def reset_dynamic_rope(model) -> None:
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
 
 
+@torch.no_grad()
 def token_losses(model, stream: np.ndarray, length: int, rows: int, batch_size: int = 1) -> np.ndarray:
     """Per-token loss (nats) at positions 1..length-1 for `rows` consecutive held-out rows, shape (rows, length-1).
 
