@@ -156,6 +156,8 @@ def _worker(out: Path) -> None:
          "adapter_equal": _adapter_matches(rows, lay, "cpu")}))  # DeepSpeed's groups exist once prepared
     if model is not None:
         torch.save(model.state_dict(), out / "model.pt")
+    PartialState().wait_for_everyone()
+    torch.distributed.destroy_process_group()  # a clean exit: no gloo thread torn down mid-call
 
 
 if __name__ == "__main__":
