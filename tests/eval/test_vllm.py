@@ -212,7 +212,8 @@ def test_eval_runs_on_the_vllm_backend(vllm_python, smollm2, tmp_path):
     data = json.loads((out / "eval.json").read_text())
     assert set(data["heldout"]) == {"first_sentence", "kv_uuid", "doc_fact"}
     cell = data["heldout"]["kv_uuid"]["256"]
-    probes = EvalConfig().heldout_trials * len(EvalConfig().heldout_depths)  # the command's default grid
+    default = EvalConfig()  # the command's default grid
+    probes = default.heldout_trials * len(default.heldout_depths)
     assert cell["n"] == probes and 0.0 <= cell["token_acc"] <= 1.0
     assert len(data["passkey"]["acc"]) == 5 and data["passkey"]["lengths"] == [256]
     assert all(np.isfinite(v) and 0 < v < 20 for v in data["loss_by_position"].values())

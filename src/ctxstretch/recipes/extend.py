@@ -67,6 +67,7 @@ TrainLength = Annotated[int, Field(0, ge=0, description="tokens per training row
 ContiguousShare = Annotated[float, Field(0.3, ge=0, le=1, description="share of rows kept at contiguous positions")]
 TextField = Annotated[str, Field("text", description="the text column of jsonl/parquet/arrow sources")]
 
+
 class ExtendTrainConfig(TrainConfig):
     """The training stage of `extend`; unset (None) budget fields are derived from the model (`ctxstretch.defaults`)."""
 
@@ -116,18 +117,12 @@ def pipeline(cfg: ExtendConfig) -> PipelineConfig:
                       long_threshold=0 if embedded else cfg.train_length, long_weight=1.0 if embedded else LONG_WEIGHT)
     stage = StageConfig(name="extend", positions=cfg.positions, train_length=cfg.train_length,
                         contiguous_share=cfg.contiguous_share, data=data,
-                        train=TrainConfig(**cfg.train.model_dump() | {"seed": train_seed(cfg)}),
-                        lora_rank=cfg.lora_rank,
+                        train=TrainConfig(**cfg.train.model_dump()), lora_rank=cfg.lora_rank,
                         lora_train_embeddings_norms=cfg.lora_train_embeddings_norms)
     return PipelineConfig(name="extend", model=cfg.model, target=cfg.target,
                           rope=RopeConfig(method=cfg.method, theta=cfg.rope_theta),
                           stages=[stage] if cfg.train.steps > 0 else [], eval=cfg.eval, seed=cfg.seed,
                           device=cfg.train.device, trust_remote_code=cfg.trust_remote_code, allow_bin=cfg.allow_bin)
-
-
-def train_seed(cfg: ExtendConfig) -> int:
-    """The training stage's seed: `train.seed` when set, else the run's `seed`."""
-    return cfg.seed if cfg.train.seed is None else cfg.train.seed
 
 
 def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tuple[ExtendConfig, str]:
@@ -144,8 +139,9 @@ def resolve_extend(cfg: ExtendConfig, saved: ExtendConfig | None = None) -> tupl
     t = cfg.train
     fill, rule = derive(cfg.model, cfg.train_length, resolve_device(t.device), t.model_dump(), embedded, window,
                         saved.train.model_dump() if saved is not None else None, cfg.trust_remote_code)
-    # the training seed is written down as the run's (so config.yaml says what ran, as for every derived setting)
-    cfg = cfg.model_copy(update={"train": t.model_copy(update=fill | {"seed": train_seed(cfg)})})
+    # the training seed: train.seed when given, else the run's, written down (config.yaml says what ran)
+    seed = cfg.seed if t.seed is None else t.seed
+    cfg = cfg.model_copy(update={"train": t.model_copy(update=fill | {"seed": seed})})
     if not embedded and not cfg.eval.model_fields_set & {"precision", "heldout_trials", "trials"}:
         # a pretrained model: bf16 where native; on a CPU one probe per cell (a 32K probe of a 135M model: ~5 min)
         cpu = resolve_device(t.device) == "cpu"
